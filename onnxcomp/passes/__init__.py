@@ -1,0 +1,1 @@
+"""Compression passes, one module per family. See onnxcomp.registry for the names."""

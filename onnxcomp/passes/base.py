@@ -1,0 +1,117 @@
+"""What every onnxcomp pass is: a typed config, an in-place onnx-ir pass, and stats.
+
+A pass subclasses :class:`CompressionPass`, sets ``name`` (stable snake_case),
+``summary`` (one line) and ``Config`` (a :class:`PassConfig`), and implements
+``run(model, stats)``. It records what it touched and what it skipped, with a
+reason, in ``stats``; a pass that touched nothing says why in ``stats.notes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from onnxcomp.data import Dataset
+
+__all__ = ["PassConfig", "PassContext", "PassStats", "CompressionPass", "CompressionResult"]
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a run shares with its passes: data, the seed, and where it works."""
+
+    calib: Dataset | None = None
+    seed: int = 0
+    batch_size: int = 32
+    progress: bool = False
+
+    def rng(self, salt: str = "") -> np.random.Generator:
+        """A generator that depends only on the seed and ``salt`` (deterministic)."""
+        return np.random.default_rng([self.seed, *salt.encode()])
+
+    def require_calib(self, pass_name: str) -> Dataset:
+        from onnxcomp.errors import OnnxcompError
+
+        if self.calib is None:
+            raise OnnxcompError(f"pass '{pass_name}' needs calibration data: pass --calib DATA.npz")
+        return self.calib
+
+
+@dataclasses.dataclass
+class PassStats:
+    """What one pass did, in numbers and names."""
+
+    name: str
+    touched: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+
+    def touch(self, what: str) -> None:
+        self.touched.append(what)
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append((what, why))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "touched": list(self.touched),
+            "skipped": [{"what": w, "why": y} for w, y in self.skipped],
+            "notes": list(self.notes),
+            "metrics": dict(self.metrics),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclasses.dataclass
+class CompressionResult(ir.passes.PassResult):
+    stats: PassStats | None = None
+
+
+class CompressionPass(ir.passes.InPlacePass):
+    """An in-place onnx-ir pass with a validated config and stats."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | dict | None = None, context: PassContext | None = None):
+        super().__init__()
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config(**config)
+        self.config = config
+        self.context = context or PassContext()
+
+    def call(self, model: ir.Model) -> CompressionResult:
+        from onnxcomp.report import count_params
+
+        stats = PassStats(self.name)
+        stats.params_before = count_params(model)
+        self.run(model, stats)
+        stats.params_after = count_params(model)
+        if not stats.touched and not stats.notes:
+            stats.notes.append("nothing eligible: no node was changed")
+        return CompressionResult(model, bool(stats.touched), stats)
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:  # pragma: no cover
+        raise NotImplementedError

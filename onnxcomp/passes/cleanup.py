@@ -1,0 +1,162 @@
+"""``cleanup``: graph tidying that changes no result, run before and after compression.
+
+Steps (each can be switched off):
+- ``fold_constants``: evaluate subgraphs whose inputs are all constant (onnxscript's
+  folder on onnx-ir), e.g. the Transpose/Reshape of weights that TF/JAX exporters
+  emit, so later passes see plain weight initializers. Quantize/Dequantize nodes
+  are never folded (that would undo quantization).
+- ``fold_batchnorm``: Conv → BatchNormalization (inference mode, constant
+  statistics, the Conv output used only there) becomes one Conv with rescaled
+  weights and bias: W' = W·γ/√(σ²+ε) per output channel, b' = (b−μ)·γ/√(σ²+ε)+β.
+- ``identity``: Identity nodes removed (onnx-ir's IdentityEliminationPass).
+- ``unused``: nodes, initializers and opsets nobody uses removed.
+- ``deduplicate``: identical initializers shared.
+- ``topological_sort``: nodes ordered producers first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+from pydantic import Field
+
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.registry import register
+
+__all__ = ["Cleanup", "fold_batchnorm"]
+
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
+
+
+class CleanupConfig(PassConfig):
+    fold_constants: bool = Field(True, description="evaluate nodes whose inputs are all constant")
+    fold_limit: int = Field(1 << 24, ge=0, description="largest input (elements) the folder evaluates")
+    fold_batchnorm: bool = Field(True, description="merge BatchNormalization into the preceding Conv")
+    identity: bool = Field(True, description="remove Identity nodes")
+    unused: bool = Field(True, description="remove unused nodes, initializers and opsets")
+    deduplicate: bool = Field(True, description="share identical initializers")
+    topological_sort: bool = Field(True, description="order nodes producers-first")
+
+
+@register
+class Cleanup(CompressionPass):
+    name = "cleanup"
+    summary = "constant folding, Conv+BatchNorm folding, identity/unused removal, topological sort"
+    Config = CleanupConfig
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        cfg: CleanupConfig = self.config
+        before = _node_count(model)
+        if cfg.fold_constants:
+            self._fold_constants(model, stats)
+        if cfg.fold_batchnorm:
+            for conv, bn in fold_batchnorm(model.graph):
+                stats.touch(f"{bn}: folded into Conv {conv}")
+        if cfg.identity:
+            n = _node_count(model)
+            ir_common.IdentityEliminationPass()(model)
+            _note(stats, "identity nodes removed", n - _node_count(model))
+        if cfg.unused:
+            n = _node_count(model)
+            inits = len(model.graph.initializers)
+            ir_common.RemoveUnusedNodesPass()(model)
+            ir_common.RemoveUnusedOpsetsPass()(model)
+            _note(stats, "unused nodes removed", n - _node_count(model))
+            _note(stats, "unused initializers removed", inits - len(model.graph.initializers))
+        if cfg.deduplicate:
+            inits = len(model.graph.initializers)
+            ir_common.DeduplicateInitializersPass()(model)
+            _note(stats, "duplicate initializers shared", inits - len(model.graph.initializers))
+        if cfg.topological_sort:
+            ir_common.TopologicalSortPass()(model)
+        removed = before - _node_count(model)
+        if removed:
+            stats.touch(f"{removed} nodes removed in all")
+        stats.metrics["nodes_before"] = before
+        stats.metrics["nodes_after"] = _node_count(model)
+
+    def _fold_constants(self, model: ir.Model, stats: PassStats) -> None:
+        from onnxscript.optimizer import _constant_folding
+
+        n = _node_count(model)
+        limit = self.config.fold_limit
+        _constant_folding.fold_constants(
+            model,
+            input_size_limit=limit,
+            output_size_limit=limit,
+            should_fold=lambda node: False if node.op_type in _NEVER_FOLD else None,
+        )
+        # the folder leaves Constant nodes behind: keep weights as initializers
+        ir_common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+        ir_common.RemoveUnusedNodesPass()(model)
+        _note(stats, "nodes folded into constants", n - _node_count(model))
+
+
+def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
+    """Fold every eligible Conv → BatchNormalization pair of ``graph``; return (conv, bn) names."""
+    folded = []
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        if len(bn.outputs) > 1 and any(o.uses() for o in bn.outputs[1:]):
+            continue
+        if bn.attributes.get_int("training_mode", 0):
+            continue
+        x = bn.inputs[0]
+        conv = x.producer() if x is not None else None
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+            continue
+        if len(x.uses()) != 1 or x.is_graph_output():
+            continue
+        consts = [_const(v) for v in bn.inputs[1:5]]
+        weight = _const(conv.inputs[1])
+        if weight is None or any(c is None for c in consts):
+            continue
+        bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        gamma, beta, mean, var = (c.astype(np.float64) for c in consts)
+        eps = bn.attributes.get_float("epsilon", 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        w = weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        b = ((bias.astype(np.float64) if bias is not None else 0.0) - mean) * scale + beta
+        dtype = weight.dtype
+        w_value = _initializer(graph, f"{conv.name or 'conv'}_bnfold_W", w.astype(dtype))
+        b_value = _initializer(graph, f"{conv.name or 'conv'}_bnfold_B", b.astype(dtype))
+        conv.replace_input_with(1, w_value)
+        if len(conv.inputs) > 2:
+            conv.replace_input_with(2, b_value)
+        else:
+            conv.resize_inputs(3)
+            conv.replace_input_with(2, b_value)
+        y = bn.outputs[0]
+        x.shape = y.shape or x.shape
+        y.replace_all_uses_with(x, replace_graph_outputs=True)
+        graph.remove(bn, safe=True)
+        x.name = y.name  # keep the tensor (maybe a graph output) under the name users know
+        folded.append((conv.name, bn.name))
+    return folded
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _node_count(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _note(stats: PassStats, what: str, count: int) -> None:
+    if count:
+        stats.notes.append(f"{count} {what}")

@@ -1,0 +1,253 @@
+"""Model measurements (size, parameters, sparsity, MACs, latency) and the run's summary.
+
+The console table and the JSON report are built from the same dict, so they
+always carry the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcomp.data import Dataset
+from onnxcomp.runtime import open_session, session_options
+
+__all__ = [
+    "count_params",
+    "model_summary",
+    "estimate_macs",
+    "measure_latency",
+    "print_summary",
+    "write_json",
+]
+
+_MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "MatMul", "Gemm", "MatMulInteger",
+            "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
+            "MatMulNBits", "ConvTranspose", "FusedConv", "FusedMatMul"}
+
+
+def _initializers(model: ir.Model):
+    for graph in (model.graph, *model.graph.subgraphs()):
+        yield from graph.initializers.values()
+
+
+def count_params(model: ir.Model) -> int:
+    """Elements stored in initializers with more than one element (weights, not scalars).
+
+    Block-quantized weights (``MatMulNBits``) are counted as the weights they encode.
+    """
+    total = 0
+    for value in _initializers(model):
+        tensor = value.const_value
+        if tensor is None or tensor.size <= 1:
+            continue
+        total += tensor.size
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        if node.op_type == "MatMulNBits" and node.inputs[1] is not None:
+            packed = node.inputs[1].const_value
+            k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+            if packed is not None:
+                total += k * n - packed.size
+    return total
+
+
+def _nonzero(model: ir.Model) -> int:
+    total = 0
+    for value in _initializers(model):
+        tensor = value.const_value
+        if tensor is None or tensor.size <= 1:
+            continue
+        total += int(np.count_nonzero(tensor.numpy()))
+    return total
+
+
+def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Size (file or serialized), weight bytes, params, nonzero params, MACs, op counts."""
+    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+
+    weight_bytes = model_nbytes(model)
+    if file_path is not None and Path(file_path).exists():
+        size = Path(file_path).stat().st_size
+        data_file = Path(str(file_path) + ".data")
+        if data_file.exists():
+            size += data_file.stat().st_size
+    elif weight_bytes < PROTOBUF_LIMIT:
+        size = ir.serde.serialize_model(model).ByteSize()
+    else:
+        size = weight_bytes
+    params = count_params(model)
+    nonzero = _nonzero(model)
+    ops = Counter(
+        (node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    return {
+        "size_bytes": size,
+        "weight_bytes": weight_bytes,
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": round(1 - nonzero / params, 6) if params else 0.0,
+        "macs": estimate_macs(model, input_shapes),
+        "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items())),
+    }
+
+
+def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int | None:
+    """Multiply-accumulates of one sample through Conv/MatMul/Gemm-like ops (None if shapes unknown).
+
+    Dynamic input dims are taken from ``input_shapes`` when given, else batch 1 and 1
+    for other dynamic axes. Shapes come from ONNX shape inference on a weightless copy.
+    """
+    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+
+    if model_nbytes(model) >= PROTOBUF_LIMIT:
+        return None
+    proto = ir.serde.serialize_model(model)
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        given = (input_shapes or {}).get(inp.name)
+        for axis, dim in enumerate(dims):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1 if given is None or axis == 0 else int(given[axis])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # shape inference fails on some custom ops: no estimate then
+        return None
+    shapes = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type not in _MAC_OPS:
+            continue
+        out = shapes.get(node.output[0])
+        if out is None:
+            continue
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"):
+            w_index = 3 if node.op_type == "QLinearConv" else 1
+            w = shapes.get(node.input[w_index])
+            if w is None:
+                continue
+            per_output = int(np.prod(w[1:]))
+            total += int(np.prod(out)) * per_output
+        elif node.op_type == "MatMulNBits":
+            k = next((a.i for a in node.attribute if a.name == "K"), 0)
+            total += int(np.prod(out)) * k
+        else:
+            a = shapes.get(node.input[0])
+            if a is None:
+                continue
+            k = a[-1]
+            if node.op_type in ("Gemm", "QGemm"):
+                trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+                k = a[0] if trans_a else a[-1]
+            total += int(np.prod(out)) * int(k)
+    return total
+
+
+def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int = 30,
+                    warmup: int = 5, threads: int = 0) -> dict[str, float]:
+    """Median and p90 milliseconds of one ``batch``-sample run (same options for every model)."""
+    feed = next(data.batches(batch)) if not data.fixed_batch else next(data.batches())
+    with open_session(model, session_options(threads=threads)) as session:
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {
+        "batch": len(next(iter(feed.values()))),
+        "median_ms": round(statistics.median(times), 4),
+        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
+        "runs": runs,
+    }
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write the report atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
+def print_summary(report: dict[str, Any], console=None) -> None:
+    """The run's summary as rich tables: passes, then original vs compressed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=False)
+    passes = Table(title="passes", title_justify="left")
+    for col in ("pass", "touched", "skipped", "params before → after", "seconds", "notes"):
+        passes.add_column(col)
+    for stats in report.get("passes", []):
+        notes = "; ".join(stats["notes"][:2])
+        if stats["skipped"]:
+            first = stats["skipped"][0]
+            notes = (notes + "; " if notes else "") + f"skipped {first['what']}: {first['why']}"
+        passes.add_row(stats["name"], str(len(stats["touched"])), str(len(stats["skipped"])),
+                       f"{stats['params_before']:,} → {stats['params_after']:,}",
+                       f"{stats['seconds']:.2f}", notes)
+    console.print(passes)
+
+    orig, new = report["original"], report["compressed"]
+    table = Table(title="original vs compressed", title_justify="left")
+    for col in ("metric", "original", "compressed", "ratio"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+
+    def row(name, a, b, fmt="{:,}", ratio=True):
+        r = f"{b / a:.3f}" if ratio and a not in (None, 0) and b is not None else ""
+        table.add_row(name, "-" if a is None else fmt.format(a), "-" if b is None else fmt.format(b), r)
+
+    row("file size (bytes)", orig["size_bytes"], new["size_bytes"])
+    row("parameters", orig["params"], new["params"])
+    row("nonzero parameters", orig["nonzero_params"], new["nonzero_params"])
+    row("MACs / sample", orig["macs"], new["macs"])
+    row("nodes", orig["nodes"], new["nodes"])
+    lat_o, lat_n = orig.get("latency"), new.get("latency")
+    if lat_o and lat_n:
+        row(f"latency median ms (batch {lat_o['batch']})", lat_o["median_ms"], lat_n["median_ms"], "{:.3f}")
+    console.print(table)
+
+    fid = report.get("fidelity")
+    if fid:
+        table = Table(title=f"fidelity on {fid['samples']} samples of {fid['data']}", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("accuracy_original", "accuracy_compressed", "accuracy_drop", "top1_agreement",
+                    "cosine", "max_abs_error", "mean_abs_error", "kl"):
+            if fid.get(key) is not None:
+                table.add_row(key, f"{fid[key]:.6g}")
+        console.print(table)
+    gate = report.get("gate")
+    if gate and gate.get("checked"):
+        verdict = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
+        console.print(f"gate {verdict}" + "".join(f"\n  - {f}" for f in gate["failures"]))

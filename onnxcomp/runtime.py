@@ -1,0 +1,85 @@
+"""onnxruntime sessions for onnx-ir models: the one place models meet the runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxcomp.errors import OnnxcompError
+
+__all__ = ["session_options", "open_session", "run_batches", "optimized_graph"]
+
+
+def session_options(
+    *, threads: int = 0, level: str = "all", optimized_path: str | None = None
+) -> ort.SessionOptions:
+    """Options every onnxcomp session uses, so latencies are comparable."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+@contextlib.contextmanager
+def open_session(
+    model: ir.Model, options: ort.SessionOptions | None = None, what: str = "model"
+) -> Iterator[ort.InferenceSession]:
+    """An InferenceSession on the CPU for ``model`` (in memory below 2 GB, else via a temp file).
+
+    A model onnxruntime refuses raises OnnxcompError naming ``what``.
+    """
+    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+
+    options = options or session_options()
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-") as tmp:
+        try:
+            if model_nbytes(model) < PROTOBUF_LIMIT:
+                source: bytes | str = ir.serde.serialize_model(model).SerializeToString()
+            else:
+                source = os.path.join(tmp, "model.onnx")
+                ir.save(model, source, external_data="model.onnx.data")
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/RuntimeError...
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise OnnxcompError(f"onnxruntime cannot load the {what}: {first}") from None
+        yield session
+
+
+def run_batches(
+    session: ort.InferenceSession, batches, outputs: list[str] | None = None
+) -> Iterator[list[np.ndarray]]:
+    """Run ``session`` on each feed of ``batches``; yield the requested outputs per batch."""
+    for feed in batches:
+        try:
+            yield session.run(outputs, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise OnnxcompError(f"onnxruntime failed to run the model: {first}") from None
+
+
+def optimized_graph(model: ir.Model, level: str = "all") -> ir.Model:
+    """The graph onnxruntime actually executes on the CPU (after its fusions)."""
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-opt-") as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        with open_session(model, session_options(level=level, optimized_path=path)):
+            pass
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+        return ir.serde.deserialize_model(proto)
