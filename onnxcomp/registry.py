@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
 from onnxcomp.errors import OnnxcompError
@@ -14,7 +15,6 @@ if TYPE_CHECKING:
 __all__ = ["register", "get_pass", "all_passes"]
 
 _PASSES: dict[str, type[CompressionPass]] = {}
-_BUILTIN_MODULES = ("cleanup",)
 
 
 def register(cls: type[CompressionPass]) -> type[CompressionPass]:
@@ -40,7 +40,10 @@ def get_pass(name: str, where: str = "") -> type[CompressionPass]:
 
 
 def all_passes() -> dict[str, type[CompressionPass]]:
-    """Every registered pass, built-ins first, in registration order."""
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"onnxcomp.passes.{module}")
-    return dict(_PASSES)
+    """Every registered pass: the modules of ``onnxcomp.passes`` are imported first."""
+    import onnxcomp.passes
+
+    for info in pkgutil.iter_modules(onnxcomp.passes.__path__):
+        if info.name != "base":
+            importlib.import_module(f"onnxcomp.passes.{info.name}")
+    return dict(sorted(_PASSES.items()))
