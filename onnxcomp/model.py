@@ -31,6 +31,7 @@ __all__ = [
     "save_model",
     "clone_model",
     "model_nbytes",
+    "has_external_tensors",
     "PROTOBUF_LIMIT",
 ]
 
@@ -55,8 +56,8 @@ def load_model(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Mo
         proto = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise OnnxcompError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
-    _check_proto(proto, path)
     _check_external_data(proto, path)
+    _check_proto(proto, path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
     if lift_constants:
@@ -114,6 +115,11 @@ def clone_model(model: ir.Model) -> ir.Model:
     return model.clone()
 
 
+def has_external_tensors(model: ir.Model) -> bool:
+    """True when some initializer still lives in an external data file."""
+    return bool(_external_files(model))
+
+
 def model_nbytes(model: ir.Model) -> int:
     """Bytes held by all initializers, main graph and subgraphs."""
     total = 0
@@ -144,8 +150,11 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: opset {opset.version} is newer than onnxruntime supports "
                 f"(max {max_opset})"
             )
+    external = any(external_data_helper.uses_external_data(t)
+                   for t in external_data_helper._get_all_tensors(proto))
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        # with external data the checker must resolve files next to the model, not the cwd
+        onnx.checker.check_model(str(path) if external else proto, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise OnnxcompError(f"{path}: invalid ONNX model ({_short(exc)})") from None
 

@@ -161,7 +161,8 @@ def _format_error(source: str, exc: ValidationError, prefix: str = "") -> str:
             parts.append(str(loc))
     where = ".".join(parts)
     template = _MESSAGES.get(err["type"])
-    message = template.format(**err.get("ctx", {})) if template else err["msg"][0].lower() + err["msg"][1:]
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in err.get("ctx", {}).items()}
+    message = template.format(**ctx) if template else err["msg"][0].lower() + err["msg"][1:]
     if err["type"] == "extra_forbidden":
         got = ""
     elif err["type"] == "missing":

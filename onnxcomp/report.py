@@ -251,3 +251,5 @@ def print_summary(report: dict[str, Any], console=None) -> None:
     if gate and gate.get("checked"):
         verdict = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
         console.print(f"gate {verdict}" + "".join(f"\n  - {f}" for f in gate["failures"]))
+        for line in gate.get("unchecked", []):
+            console.print(f"  [yellow]{line}[/yellow]")

@@ -44,12 +44,12 @@ def open_session(
 
     A model onnxruntime refuses raises OnnxcompError naming ``what``.
     """
-    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+    from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, model_nbytes
 
     options = options or session_options()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-") as tmp:
         try:
-            if model_nbytes(model) < PROTOBUF_LIMIT:
+            if model_nbytes(model) < PROTOBUF_LIMIT and not has_external_tensors(model):
                 source: bytes | str = ir.serde.serialize_model(model).SerializeToString()
             else:
                 source = os.path.join(tmp, "model.onnx")

@@ -60,16 +60,23 @@ def compare(
     return result
 
 
-def check_gate(gate: Gate, fidelity: dict[str, Any] | None, extra: dict[str, Any]) -> list[str]:
-    """Failures of ``gate`` (empty when it holds). ``extra`` carries fused_ratio and size_ratio."""
-    failures = []
+def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
+               extra: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(failures, unchecked) of ``gate``: it holds when there are no failures.
+
+    A threshold whose metric does not exist for this run (accuracy without labels,
+    fused ratio without quantized nodes) is listed as unchecked, not failed.
+    ``extra`` carries fused_ratio and size_ratio.
+    """
+    failures: list[str] = []
+    unchecked: list[str] = []
     fid = fidelity or {}
 
     def need(key: str, value, bound, ok: bool, text: str):
         if bound is None:
             return
         if value is None:
-            failures.append(f"{key}: cannot check, {text}")
+            unchecked.append(f"{key}: not checked, {text}")
         elif not ok:
             failures.append(f"{key}: {value:.6g} does not meet {bound}")
 
@@ -95,7 +102,7 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None, extra: dict[str, Any
     size = extra.get("size_ratio")
     need("max_size_ratio", size, gate.max_size_ratio,
          size is not None and gate.max_size_ratio is not None and size <= gate.max_size_ratio, "")
-    return failures
+    return failures, unchecked
 
 
 class _Accumulator:

@@ -26,11 +26,10 @@ class MiniLMWithPooling(torch.nn.Module):
         self.bert = bert
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        # Classic BERT additive mask [b,1,1,s]: a 4-D mask bypasses transformers' vmap/index-based
-        # mask builder (which traces into ~50 Range/Gather/And nodes) and is what ORT fusions expect.
-        ext = attention_mask[:, None, None, :].to(torch.float32)
-        ext = (1.0 - ext) * torch.finfo(torch.float32).min
-        tok = self.bert(input_ids=input_ids, attention_mask=ext,
+        # transformers' own 2-D mask handling traces into ~50 Range/Gather/And/Where nodes, but it is
+        # the pattern onnxruntime.transformers' Attention fusion knows ("Transformers 5 eager
+        # attention mask"); a hand-made (1-m)*min 4-D mask exports smaller yet defeats that fusion.
+        tok = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                         token_type_ids=token_type_ids).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(tok.dtype)
         mean = (tok * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)  # models.Pooling (mean)
@@ -39,7 +38,8 @@ class MiniLMWithPooling(torch.nn.Module):
 
 
 def load_bert(path):
-    from transformers import BertModel
+    from transformers import BertModel, logging
+    logging.set_verbosity_error()  # silences the "pooler.* UNEXPECTED" load report (pooler is unused)
     # eager attention: plain MatMul/Softmax graph, no SDPA/vmap mask helpers in the trace
     bert = BertModel.from_pretrained(str(path), attn_implementation="eager", add_pooling_layer=False)
     return bert.eval()

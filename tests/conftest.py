@@ -1,0 +1,31 @@
+"""Shared fixtures: the real models and data shipped in models/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+DIGITS = MODELS / "digits"
+
+
+@pytest.fixture(scope="session")
+def cnn_path() -> Path:
+    return MODELS / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="session")
+def mlp_path() -> Path:
+    return MODELS / "digits_mlp.onnx"
+
+
+@pytest.fixture(scope="session")
+def calib_path() -> Path:
+    return DIGITS / "calib.npz"
+
+
+@pytest.fixture(scope="session")
+def val_path() -> Path:
+    return DIGITS / "val.npz"
