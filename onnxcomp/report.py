@@ -51,7 +51,7 @@ def count_params(model: ir.Model) -> int:
         if tensor is None or tensor.size <= 1:
             continue
         total += tensor.size
-    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "MatMulNBits" and node.inputs[1] is not None:
             packed = node.inputs[1].const_value
             k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
