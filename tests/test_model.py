@@ -181,3 +181,13 @@ def test_subgraph_constants_lifted(tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"c": np.array(False), "x": np.zeros(2, np.float32)})[0]
     np.testing.assert_array_equal(got, [-1.0, -1.0])
+
+
+def test_external_data_chosen_automatically_past_the_limit(tmp_path, cnn_path, val_x, monkeypatch):
+    """Past the protobuf limit (lowered here to 100 kB) the weights go to <name>.data by themselves."""
+    import onnxcomp.model as model_module
+
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT", 100_000)
+    out = save_model(load_model(cnn_path), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > 100_000
+    np.testing.assert_allclose(_logits(str(out), val_x), _logits(str(cnn_path), val_x), atol=1e-6)
