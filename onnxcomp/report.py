@@ -127,7 +127,7 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
     shapes = {}
     for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = tuple(d.dim_value for d in dims)
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(init.dims)

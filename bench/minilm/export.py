@@ -3,12 +3,18 @@
 Outputs: last_hidden_state [batch, seq, 384] and sentence_embedding [batch, 384]
 (mean pooling over attention_mask + L2 normalisation, as sentence-transformers does).
 Writes <cache>/minilm.onnx and checks it against SentenceTransformer.encode().
+Exporter: torch's legacy TorchScript exporter (dynamo=False), opset 17, constant folding; the
+output bytes are deterministic. Its warnings are silenced because they are known harmless: the
+legacy-exporter DeprecationWarning, a TracerWarning on transformers' mask padding check
+(kv_length == mask length always holds for an encoder) and the aten::index note (the traced
+indices come from Range, never negative).
 
     python bench/minilm/export.py [--force]
 """
 import argparse
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -40,7 +46,7 @@ class MiniLMWithPooling(torch.nn.Module):
 def load_bert(path):
     from transformers import BertModel, logging
     logging.set_verbosity_error()  # silences the "pooler.* UNEXPECTED" load report (pooler is unused)
-    # eager attention: plain MatMul/Softmax graph, no SDPA/vmap mask helpers in the trace
+    # eager attention: plain MatMul/Scale/Add/Softmax/MatMul per head group (what ORT fusions match)
     bert = BertModel.from_pretrained(str(path), attn_implementation="eager", add_pooling_layer=False)
     return bert.eval()
 
@@ -53,7 +59,10 @@ def export(out_path, mdir):
     dyn = {n: {0: "batch", 1: "seq"} for n in INPUT_NAMES}
     dyn["last_hidden_state"] = {0: "batch", 1: "seq"}
     dyn["sentence_embedding"] = {0: "batch"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(model, args, str(out_path), input_names=INPUT_NAMES,
                           output_names=["last_hidden_state", "sentence_embedding"],
                           dynamic_axes=dyn, opset_version=OPSET, dynamo=False,

@@ -36,11 +36,17 @@ def make_session(onnx_path, threads=2, **opts):
 
 
 def embed(onnx_path, npz_path, batch_size=32, session=None):
-    """Run onnxruntime over all samples of npz_path; return sentence_embedding [n, 384] float32."""
+    """Run onnxruntime over all samples of npz_path; return sentence_embedding [n, 384] float32
+    in file order. Like SentenceTransformer.encode(), rows are batched in order of token length
+    (stable sort), so batches carry little padding."""
     sess = session or make_session(onnx_path)
     data = load_npz(npz_path)
+    order = np.argsort(data["attention_mask"].sum(1), kind="stable")
+    data = {k: v[order] for k, v in data.items()}
     out = [sess.run(["sentence_embedding"], feed)[0] for feed in batches(data, batch_size)]
-    return np.concatenate(out).astype(np.float32)
+    emb = np.empty((len(order), out[0].shape[1]), np.float32)
+    emb[order] = np.concatenate(out)
+    return emb
 
 
 def _unit(x):

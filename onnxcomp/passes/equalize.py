@@ -1,0 +1,409 @@
+"""``smooth_quant`` and ``equalize``: move per-channel scale between layers so int8 loses less.
+
+Both take a per-channel factor out of one place and put it into a neighbour, so the float
+function is unchanged (up to rounding) while the ranges int8 has to cover shrink.
+
+- ``smooth_quant`` (Xiao et al. 2023, SmoothQuant). For a MatMul/Gemm Y = X·W with a
+  constant W: X_j ← X_j / s_j and row j of W ← s_j · W_j, with
+  s_j = max|X_j|^α / max|W_j|^(1−α) (max|X_j| over the calibration data, all leading axes).
+  MatMuls reading the same X share one s (max|W_j| over all their weights). The 1/s goes
+  into X's producer when it can absorb it — a LayerNormalization (γ, β), a MatMul/Gemm with
+  constant weight (+ constant bias Add), a Mul by a constant, seen through Relu/LeakyRelu/
+  PRelu — and X feeds nothing else that reads values. Otherwise a normalisation is cloned
+  for the MatMul branch (``clone_norm``) or ``Mul(X, 1/s)`` is inserted (``insert_mul``);
+  added nodes carry ``metadata_props[SMOOTH_QUANT_TAG]``. ``alpha="auto"`` picks α per X
+  (or no smoothing) by simulating int8 (uint8 per-tensor X; per-channel W, 7-bit where
+  quantize_static's reduce_range=auto picks it) on a bounded sample of calibration rows.
+- ``equalize`` (Nagel et al. 2019, cross-layer equalization). For layer 1 → f → layer 2,
+  layers Conv/Gemm/MatMul with constant weights and f positively homogeneous
+  (f(x/s) = f(x)/s for s > 0: Relu, LeakyRelu, PRelu, Identity, max/average pooling between
+  Convs, or nothing): output channel i of layer 1 (weights, bias) ← /s_i, input channel i of
+  layer 2 ← ·s_i, s_i = sqrt(r1_i / r2_i) (r = per-channel max|W|), so both ranges become
+  sqrt(r1_i·r2_i). Swept over all pairs until the factors settle. Grouped and depthwise
+  Convs are exact (input channel i of a grouped Conv is column i mod C/g of its group's
+  filters). Data-free; biases are only rescaled (no bias absorption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxcomp.calibrate import MinMax, RowSample, collect
+from onnxcomp.data import Dataset
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.channel_scaling import NORMS, STANDARD, ConstMul, LinearLayer, NormLayer, WeightEdits
+from onnxcomp.passes.qdq import Names, activation_params, add_initializer, weight_params
+from onnxcomp.registry import register
+
+__all__ = ["SmoothQuant", "Equalize", "smooth_quant_model", "equalize_model", "smoothing_scales",
+           "equalization_scales", "SMOOTH_QUANT_TAG", "AUTO_ALPHAS"]
+
+SMOOTH_QUANT_TAG = "onnxcomp.smooth_quant"  # metadata key on the nodes smooth_quant adds
+AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # tried by alpha="auto", besides no smoothing
+_SHAPE_ONLY = {"Shape", "Size"}  # read no values: never block a rewrite
+_ELEMENTWISE = {"Relu", "LeakyRelu", "PRelu", "Identity"}  # f(x/s) = f(x)/s in any layout
+_CHANNEL_POOLS = {"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"}  # NCHW (Conv) only
+
+
+# ---------------------------------------------------------------------------- passes
+
+
+class SmoothQuantConfig(PassConfig):
+    alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        0.5, description="migration strength s = max|X|^α / max|W|^(1−α); 'auto': per input, by simulated int8")
+    min_scale: float = Field(1e-5, gt=0, description="smallest per-channel factor s")
+    max_scale: float = Field(1e5, gt=0, description="largest per-channel factor s")
+    insert_mul: bool = Field(True, description="insert Mul(X, 1/s) where no producer can absorb 1/s")
+    clone_norm: bool = Field(True, description="clone a LayerNorm whose output also feeds non-MatMuls "
+                                               "(e.g. a residual Add) rather than insert a Mul")
+    exclude: tuple[str, ...] = Field((), description="MatMul/Gemm node-name globs left alone")
+    sample_rows: int = Field(512, ge=16, description="alpha='auto': calibration rows kept per input X")
+
+
+@register
+class SmoothQuant(CompressionPass):
+    name = "smooth_quant"
+    summary = "SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights (run before int8)"
+    Config = SmoothQuantConfig
+    needs_calibration = True
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        calib = self.context.require_calib(self.name)
+        smooth_quant_model(model, calib, **self.config.model_dump(), batch_size=self.context.batch_size,
+                           seed=self.context.seed, stats=stats)
+
+
+class EqualizeConfig(PassConfig):
+    iterations: int = Field(20, ge=1, le=1000, description="most sweeps over all layer pairs")
+    tolerance: float = Field(1e-3, gt=0, description="stop when every factor s is within 1±tolerance")
+
+
+@register
+class Equalize(CompressionPass):
+    name = "equalize"
+    summary = "cross-layer equalization: Conv/Gemm/MatMul → ReLU → Conv/Gemm/MatMul weight ranges (data-free)"
+    Config = EqualizeConfig
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        equalize_model(model, **self.config.model_dump(), stats=stats)
+
+
+# ------------------------------------------------------------------------ library API
+
+
+def smooth_quant_model(
+    model: ir.Model,
+    calib: Dataset,
+    *,
+    alpha: float | Literal["auto"] = 0.5,
+    min_scale: float = 1e-5,
+    max_scale: float = 1e5,
+    insert_mul: bool = True,
+    clone_norm: bool = True,
+    exclude: Sequence[str] = (),
+    sample_rows: int = 512,
+    batch_size: int = 32,
+    seed: int = 0,
+    stats: PassStats | None = None,
+) -> PassStats:
+    """SmoothQuant every eligible MatMul/Gemm of ``model`` in place; return what was done.
+
+    Guarantees: the float function is unchanged up to fp32 rounding; constant inputs are
+    replaced by new initializers (the originals are never written) and the only nodes
+    added are cloned normalisations or ``Mul`` nodes in front of the smoothed MatMuls,
+    tagged ``metadata_props[SMOOTH_QUANT_TAG]`` — leave those in float and quantize their
+    output. One calibration run over ``calib``. ``stats.touched`` names each smoothed node,
+    ``stats.skipped`` says why the others were left alone; ``stats.metrics["smoothed"]``
+    lists per input X its MatMuls, how 1/s was absorbed, α, the range of s and max|X|
+    before/after (with ``alpha="auto"`` also the simulated int8 relative error).
+    """
+    stats = stats or PassStats("smooth_quant")
+    plans = _plan_smoothing(model.graph, insert_mul, clone_norm, exclude, stats)
+    if not plans:
+        stats.notes.append("no MatMul/Gemm with a constant weight could be smoothed")
+        return stats
+    ranges = {p.x.name: MinMax(axis=-1) for p in plans}
+    samples = {p.x.name: RowSample(sample_rows, seed) for p in plans} if alpha == "auto" else {}
+    collect(model, calib, {n: [r, *([samples[n]] if samples else [])] for n, r in ranges.items()},
+            batch_size=batch_size)
+    edits = WeightEdits(model.graph)
+    done = []
+    for plan in plans:
+        lo, hi = ranges[plan.x.name].min.astype(np.float64), ranges[plan.x.name].max.astype(np.float64)
+        act = np.maximum(-lo, hi)
+        w_max = np.max([c.in_ranges(edits) for c in plan.consumers], axis=0)
+        info = {"x": plan.x.name, "nodes": [c.name for c in plan.consumers], "alpha": alpha}
+        if alpha == "auto":
+            info["alpha"], s, info["int8_error_before"], info["int8_error_after"] = _choose_alpha(
+                samples[plan.x.name].value, lo, hi, [c.matrix(edits) for c in plan.consumers], w_max,
+                min_scale, max_scale)
+            if s is None:
+                for c in plan.consumers:
+                    stats.skip(c.name, "alpha=auto: no α lowers the simulated int8 error")
+                continue
+        else:
+            s = smoothing_scales(act, w_max, alpha, min_scale, max_scale)
+        info["how"] = plan.apply(model.graph, edits, s)
+        for c in plan.consumers:
+            stats.touch(f"{c.name}: smoothed (α={info['alpha']}), 1/s {info['how']}")
+        info.update(s_min=float(s.min()), s_max=float(s.max()), x_absmax_before=float(act.max()),
+                    x_absmax_after=float((act / s).max()))
+        done.append(info)
+    edits.commit()
+    stats.metrics["smoothed"] = done
+    stats.metrics["inserted_mul"] = sum(d["how"].startswith("in an inserted Mul") for d in done)
+    stats.metrics["cloned_norm"] = sum(d["how"].startswith("in a clone") for d in done)
+    return stats
+
+
+def equalize_model(
+    model: ir.Model, *, iterations: int = 20, tolerance: float = 1e-3, stats: PassStats | None = None
+) -> PassStats:
+    """Cross-layer-equalize every eligible layer pair of ``model`` in place; return what was done.
+
+    Guarantees: the float function is unchanged up to fp32 rounding; only weight and bias
+    inputs of the paired layers are replaced (new initializers); no node is added or
+    removed. For each pair, r1 (layer 1 output-channel ranges) and r2 (layer 2 input-channel
+    ranges) become equal per channel, so their max/min spread drops to about the geometric
+    mean of the two (``stats.metrics["pairs"]``: spreads before/after). Needs no data.
+    """
+    stats = stats or PassStats("equalize")
+    edits = WeightEdits(model.graph)
+    pairs = _find_pairs(model.graph, edits, stats)
+    if not pairs:
+        stats.notes.append("no Conv/Gemm/MatMul → (Relu) → Conv/Gemm/MatMul pair to equalize")
+        return stats
+    before = [(_spread(a.out_ranges(edits)), _spread(b.in_ranges(edits))) for a, b, _ in pairs]
+    sweeps = 0
+    for sweeps in range(1, iterations + 1):
+        worst = 0.0
+        for first, second, _ in pairs:
+            s = equalization_scales(first.out_ranges(edits), second.in_ranges(edits))
+            first.scale_out(edits, 1.0 / s)
+            second.scale_in(edits, s)
+            worst = max(worst, float(np.max(np.abs(np.log(s)))))
+        if worst < np.log1p(tolerance):
+            break
+    report = []
+    for (first, second, via), (b1, b2) in zip(pairs, before):
+        a1, a2 = _spread(first.out_ranges(edits)), _spread(second.in_ranges(edits))
+        stats.touch(f"{first.name} → {second.name}: equalized{via} "
+                    f"(range spread {b1:.3g}→{a1:.3g} and {b2:.3g}→{a2:.3g})")
+        report.append({"first": first.name, "second": second.name, "spread_first_before": b1,
+                       "spread_first_after": a1, "spread_second_before": b2, "spread_second_after": a2})
+    edits.commit()
+    stats.metrics["pairs"] = report
+    stats.metrics["sweeps"] = sweeps
+    return stats
+
+
+def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float = 0.5,
+                     min_scale: float = 1e-5, max_scale: float = 1e5) -> np.ndarray:
+    """s_j = max|X_j|^α / max|W_j|^(1−α), clipped to [min_scale, max_scale]; 1 where either max is 0."""
+    act, w = np.asarray(act_absmax, np.float64), np.asarray(weight_absmax, np.float64)
+    live = (act > 0) & (w > 0)
+    s = np.ones_like(act)
+    s[live] = act[live] ** alpha / w[live] ** (1.0 - alpha)
+    return np.clip(s, min_scale, max_scale)
+
+
+def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """s_i = sqrt(r1_i / r2_i) (Nagel et al. 2019); 1 where either range is 0."""
+    r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
+    live = (r1 > 0) & (r2 > 0)
+    s = np.ones_like(r1)
+    s[live] = np.sqrt(r1[live] / r2[live])
+    return s
+
+
+# ------------------------------------------------------------------- smoothing plans
+
+
+@dataclasses.dataclass
+class _SmoothingPlan:
+    """The MatMuls reading one X, and how 1/s reaches X: fold, clone a norm, or insert a Mul."""
+
+    x: ir.Value
+    consumers: list[LinearLayer]
+    how: Literal["fold", "clone", "mul"]
+    producer: LinearLayer | NormLayer | ConstMul | None = None
+
+    def apply(self, graph: ir.Graph, edits: WeightEdits, s: np.ndarray) -> str:
+        for consumer in self.consumers:
+            consumer.scale_in(edits, s)
+        if self.how == "fold":
+            self.producer.scale_out(edits, 1.0 / s)
+            return f"folded into {self.producer.node.op_type} '{self.producer.node.name}'"
+        if self.how == "clone":
+            norm = self.producer.clone(graph, {SMOOTH_QUANT_TAG: f"clone of {self.producer.node.name} carrying 1/s"})
+            norm.scale_out(edits, 1.0 / s)
+            self._feed(norm.node.outputs[0])
+            return f"in a clone of {norm.node.op_type} '{self.producer.node.name}'"
+        dtype = self.x.dtype.numpy() if self.x.dtype is not None else np.float32
+        names = Names(graph)
+        inverse = add_initializer(graph, names, f"{self.x.name}_smooth_inv", (1.0 / s).astype(dtype))
+        mul = ir.Node("", "Mul", [self.x, inverse], name=names(f"{self.x.name}_smooth_mul"),
+                      outputs=[ir.Value(name=names(f"{self.x.name}_smoothed"), type=self.x.type, shape=self.x.shape)],
+                      metadata_props={SMOOTH_QUANT_TAG: "inserted 1/s"})
+        producer = self.x.producer()
+        if producer is not None:
+            graph.insert_after(producer, mul)
+        else:
+            graph.insert_before(next(iter(graph)), mul)
+        self._feed(mul.outputs[0])
+        return f"in an inserted Mul '{mul.name}'"
+
+    def _feed(self, value: ir.Value) -> None:
+        for consumer in self.consumers:
+            consumer.node.replace_input_with(0, value)
+
+
+def _plan_smoothing(graph: ir.Graph, insert_mul: bool, clone_norm: bool, exclude: Sequence[str],
+                    stats: PassStats) -> list[_SmoothingPlan]:
+    """Group smoothable MatMul/Gemm by their input X and decide how each X takes 1/s."""
+    by_x: dict[ir.Value, list[LinearLayer]] = {}
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in STANDARD:
+            continue
+        layer = LinearLayer.of(node)
+        if any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in exclude):
+            stats.skip(node.name, "excluded by name")
+        elif isinstance(layer, str):
+            stats.skip(node.name, layer)
+        elif node.attributes.get_int("transA", 0):
+            stats.skip(node.name, "Gemm with transA=1 (X channels are not its last axis)")
+        else:
+            by_x.setdefault(node.inputs[0], []).append(layer)
+    plans = []
+    for x, consumers in by_x.items():
+        members = {c.node for c in consumers}
+        others = [u.node for u in x.uses() if u.node not in members and u.node.op_type not in _SHAPE_ONLY]
+        producer = _absorber(x)
+        if not isinstance(producer, str) and not others and not x.is_graph_output():
+            plans.append(_SmoothingPlan(x, consumers, "fold", producer))
+        elif clone_norm and isinstance(producer, NormLayer) and producer.node is x.producer():
+            plans.append(_SmoothingPlan(x, consumers, "clone", producer))
+        elif insert_mul:
+            plans.append(_SmoothingPlan(x, consumers, "mul"))
+        else:
+            why = (producer if isinstance(producer, str) else
+                   f"X '{x.name}' also feeds {others[0].op_type} '{others[0].name}'" if others else
+                   f"X '{x.name}' is a graph output")
+            for consumer in consumers:
+                stats.skip(consumer.name, f"{why}; insert_mul is off")
+    return plans
+
+
+def _absorber(x: ir.Value) -> LinearLayer | NormLayer | ConstMul | str:
+    """What can take a per-channel (last axis) factor on ``x``, seen through Relu & co; else why not."""
+    value = x
+    while True:
+        node = value.producer()
+        if node is None:
+            return f"X '{x.name}' is a graph input"
+        if node.op_type in NORMS and node.domain in (*STANDARD, "com.microsoft"):
+            return NormLayer.of(node, value)
+        if node.domain in STANDARD and node.op_type == "Mul" and ConstMul.of(node):
+            return ConstMul.of(node)
+        if node.domain in STANDARD and node.op_type in ("MatMul", "Gemm", "Add") and LinearLayer.behind(value):
+            return LinearLayer.behind(value)
+        if node.op_type not in _ELEMENTWISE or node.domain not in STANDARD:
+            return f"X '{x.name}' comes from {node.op_type} '{node.name}', which cannot absorb 1/s"
+        inner = node.inputs[0]
+        if inner is None or len(inner.uses()) != 1 or inner.is_graph_output():
+            return f"X '{x.name}' comes from {node.op_type} '{node.name}' whose input has other uses"
+        value = inner
+
+
+def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: list[np.ndarray],
+                  w_max: np.ndarray, min_scale: float, max_scale: float) -> tuple:
+    """(α, s, error without smoothing, error with s) for the α of AUTO_ALPHAS with the least
+    simulated int8 error on ``sample``; s is None when none beats no smoothing."""
+    x = np.asarray(sample, np.float64)
+    refs = [x @ w for w in matrices]
+    act = np.maximum(-lo, hi)
+
+    def error(s: np.ndarray) -> float:
+        """Relative squared error of X·W with X/s per-tensor uint8 and W·s per-channel int8."""
+        params = activation_params(float((lo / s).min()), float((hi / s).max()))
+        xq = (params.quantize(x / s).astype(np.float64) - float(params.zero_point)) * float(params.scale)
+        total = 0.0
+        for w, ref in zip(matrices, refs):
+            wp, wq = weight_params(w * s[:, None], 1, reduce_range="auto")
+            total += float(np.sum((xq @ (wq * wp.scale.astype(np.float64)) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+        return total / len(matrices)
+
+    base = error(np.ones_like(act))
+    best = (None, None, base)
+    for alpha in AUTO_ALPHAS:
+        s = smoothing_scales(act, w_max, alpha, min_scale, max_scale)
+        err = error(s)
+        if err < best[2]:
+            best = (alpha, s, err)
+    return best[0], best[1], base, best[2]
+
+
+# ------------------------------------------------------------------ equalization pairs
+
+
+def _find_pairs(graph: ir.Graph, edits: WeightEdits, stats: PassStats) -> list[tuple[LinearLayer, LinearLayer, str]]:
+    """(layer 1, layer 2, " via Relu…") for every chain cross-layer equalization can rescale."""
+    pairs = []
+    for node in graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in STANDARD:
+            continue
+        first = LinearLayer.of(node)
+        if isinstance(first, str):
+            stats.skip(node.name, first)
+            continue
+        first = first.with_bias_add()
+        found = _following_layer(first, edits)
+        if isinstance(found, str):
+            stats.skip(first.name, found)
+        else:
+            pairs.append((first, *found))
+    return pairs
+
+
+def _following_layer(first: LinearLayer, edits: WeightEdits) -> tuple[LinearLayer, str] | str:
+    """The layer reading ``first``'s output through positively homogeneous ops (and the path), or why none."""
+    value, path = first.output, []
+    while True:
+        if value.is_graph_output():
+            return "output is a graph output"
+        uses = value.uses()
+        if len(uses) != 1:
+            return f"output '{value.name}' has {len(uses)} consumers"
+        node, index = uses[0].node, uses[0].idx
+        homogeneous = node.op_type in _ELEMENTWISE or (node.op_type in _CHANNEL_POOLS and first.channel_axis == 1)
+        if node.domain in STANDARD and homogeneous and index == 0:
+            if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+                return f"{node.op_type} '{node.name}' has a second output in use"
+            path.append(node.op_type)
+            value = node.outputs[0]
+            continue
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in STANDARD:
+            return f"followed by {node.op_type} '{node.name}', which is not positively homogeneous per channel"
+        if index != 0 or node.attributes.get_int("transA", 0):
+            return f"next layer '{node.name}' does not read it as its activation"
+        second = LinearLayer.of(node)
+        if isinstance(second, str):
+            return f"next layer '{node.name}': {second}"
+        if second.channel_axis != first.channel_axis:
+            return f"next layer '{node.name}' ({node.op_type}) has another channel layout"
+        if len(second.in_ranges(edits)) != len(first.out_ranges(edits)):
+            return f"next layer '{node.name}' has a different channel count"
+        return second, (" via " + "→".join(path) if path else "")
+
+
+def _spread(ranges: np.ndarray) -> float:
+    """max/min of the nonzero per-channel ranges."""
+    live = ranges[ranges > 0]
+    return float(live.max() / live.min()) if live.size else 1.0

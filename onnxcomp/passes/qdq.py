@@ -1,0 +1,190 @@
+"""Building blocks of the int8 passes: quantization parameters, quantized initializers, and
+QuantizeLinear / DequantizeLinear nodes on onnx-ir graphs.
+
+Conventions (what onnxruntime's CPU kernels expect):
+- weights: symmetric, zero point 0, int8 in [-127, 127] ([-63, 63] with ``reduce_range``),
+  per channel along the output axis or per tensor;
+- activations: asymmetric per tensor, uint8 [0, 255] or int8 [-128, 127], range widened to
+  contain 0 so that 0 is exact;
+- bias: int32, zero point 0, scale = input scale × weight scale (per channel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.calibrate import weight_absmax
+
+__all__ = [
+    "QParams",
+    "ACTIVATION_TYPES",
+    "activation_params",
+    "weight_params",
+    "bias_params",
+    "Names",
+    "add_initializer",
+    "quantize_linear",
+    "dequantize_linear",
+    "dequantized_constant",
+    "opset_version",
+    "constant_array",
+    "is_excluded",
+    "saturating_u8s8",
+    "is_x86",
+]
+
+ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point (scalars, or 1-D along ``axis``) of one quantized tensor."""
+
+    scale: np.ndarray  # float32
+    zero_point: np.ndarray  # uint8 / int8 / int32
+    axis: int | None = None
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """round(x / scale) + zero point, saturated to the zero point's integer type."""
+        info = np.iinfo(self.zero_point.dtype)
+        scale, zero = self._broadcast(self.scale, x.ndim), self._broadcast(self.zero_point, x.ndim)
+        q = np.round(np.asarray(x, np.float64) / scale) + zero
+        return np.clip(q, info.min, info.max).astype(self.zero_point.dtype)
+
+    def _broadcast(self, a: np.ndarray, ndim: int) -> np.ndarray:
+        if self.axis is None or a.ndim == 0:
+            return a.astype(np.float64)
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return a.astype(np.float64).reshape(shape)
+
+
+def activation_params(lo: float, hi: float, dtype: str = "uint8") -> QParams:
+    """Asymmetric per-tensor parameters covering [min(lo, 0), max(hi, 0)] with ``dtype`` steps."""
+    np_type, qmin, qmax = ACTIVATION_TYPES[dtype]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / (qmax - qmin))
+    if not scale > 0:  # a constant-zero tensor: any scale is exact
+        scale = np.float32(1.0)
+    zero = np.clip(np.round(qmin - lo / float(scale)), qmin, qmax)
+    return QParams(np.asarray(scale, np.float32), np.asarray(zero, np_type))
+
+
+def weight_params(weight: np.ndarray, axis: int | None, *, method: str = "minmax",
+                  reduce_range: bool | str = False) -> tuple[QParams, np.ndarray]:
+    """Symmetric int8 parameters (per channel along ``axis``, or per tensor) and the int8 weight.
+
+    ``reduce_range``: 7-bit weights; "auto" = :func:`saturating_u8s8`.
+    """
+    qmax = 63 if (saturating_u8s8() if reduce_range == "auto" else reduce_range) else 127
+    limit = np.asarray(weight_absmax(weight, axis, method, qmax), np.float64)
+    scale = np.where(limit > 0, limit / qmax, 1.0).astype(np.float32)
+    params = QParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
+    q = np.clip(params.quantize(weight), -qmax, qmax).astype(np.int8)
+    return params, q
+
+
+def bias_params(bias: np.ndarray, input_scale: np.ndarray, weight: QParams) -> tuple[QParams, np.ndarray]:
+    """int32 bias with scale input_scale × weight scale (per channel when the weight is)."""
+    scale = (np.float32(input_scale) * weight.scale).astype(np.float32)
+    params = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
+    q = np.round(np.asarray(bias, np.float64) / scale.astype(np.float64))
+    return params, np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
+
+
+class Names:
+    """Fresh value and node names for one graph (never a name already in use)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        for node in graph:
+            self.used.add(node.name or "")
+            self.used.update(o.name for o in node.outputs if o.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array`` under a fresh name derived from ``base``."""
+    name = names(base)
+    array = np.asarray(array)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def quantize_linear(x: ir.Value, scale: ir.Value, zero: ir.Value, names: Names, base: str) -> ir.Node:
+    """QuantizeLinear(x, scale, zero) -> ``base``_quantized (per tensor)."""
+    out = ir.Value(name=names(f"{base}_quantized"), type=zero.type, shape=x.shape)
+    return ir.node("QuantizeLinear", [x, scale, zero], outputs=[out], name=names(f"{base}_QuantizeLinear"))
+
+
+def dequantize_linear(q: ir.Value, scale: ir.Value, zero: ir.Value | None, names: Names, base: str,
+                      axis: int | None = None) -> ir.Node:
+    """DequantizeLinear(q, scale[, zero]) -> float ``base``_dequantized (per ``axis`` if given)."""
+    out = ir.Value(name=names(f"{base}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=q.shape)
+    inputs = [q, scale] if zero is None else [q, scale, zero]
+    attributes = {} if axis is None else {"axis": axis}
+    return ir.node("DequantizeLinear", inputs, attributes, outputs=[out], name=names(f"{base}_DequantizeLinear"))
+
+
+def dequantized_constant(graph: ir.Graph, names: Names, base: str, q: np.ndarray, params: QParams,
+                         before: ir.Node, zero_point: bool = True) -> ir.Value:
+    """Store ``q`` (already quantized) with ``params`` and return the value of its DequantizeLinear,
+    inserted before ``before``."""
+    q_value = add_initializer(graph, names, f"{base}_quantized", q)
+    scale = add_initializer(graph, names, f"{base}_scale", params.scale)
+    zero = add_initializer(graph, names, f"{base}_zero_point", params.zero_point) if zero_point else None
+    node = dequantize_linear(q_value, scale, zero, names, base, params.axis)
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of an initializer (not one that is also a graph input), else None."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def is_excluded(node: ir.Node, options) -> bool:
+    """The node's name matches one of ``options.exclude_nodes`` (fnmatch globs) or its op type is
+    in ``options.exclude_ops``."""
+    return node.op_type in options.exclude_ops or any(
+        fnmatch.fnmatchcase(node.name or "", pattern) for pattern in options.exclude_nodes)
+
+
+def opset_version(model: ir.Model) -> int:
+    """The default-domain opset the model imports."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+@functools.cache
+def saturating_u8s8() -> bool:
+    """True on x86 CPUs without VNNI: ORT's u8s8 kernels there sum u8×s8 pairs in int16
+    (VPMADDUBSW), which saturates once |w| uses the full int8 range; 7-bit weights avoid it."""
+    if not is_x86():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell: assume the common AVX2-only case
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")

@@ -1,0 +1,488 @@
+"""Static QDQ quantization in separable steps, shared by ``quantize_static`` and by the tools
+that re-run it (sensitivity search, bias correction)::
+
+    prepare_static(model, options)                 # qdq_prepare: float rewrites (MatMul+Add -> Gemm)
+    plan = plan_static(model, options)             # read-only: which nodes and tensors
+    stats = calibrate_plan(model, plan, data, options)   # one streaming pass over the data
+    ranges = plan_ranges(model, plan, stats, options)    # tensor -> (lo, hi)
+    apply_static(model, plan, ranges, options)     # the rewrite
+
+Which nodes (onnxruntime's CPU QDQ selectors decide what fuses):
+- ``compute`` — Conv, MatMul, Gemm: DequantizeLinear on the activation, the int8 weight and the
+  int32 bias; QuantizeLinear on the output (a MatMul/Gemm whose output feeds only float ops
+  keeps a float output: ORT runs MatMulIntegerToFloat / QGemm with float output);
+- ``qlinear`` — ops with a QLinear* CPU kernel: DQ on every data input, Q on the output; only
+  where the int8 output reaches another quantized node (not a residual Add before LayerNorm);
+- ``shared`` — data movement (Reshape, Transpose, MaxPool, …): their outputs reuse the input's
+  scale and zero point, so ORT drops the Q/DQ pair and moves int8 data. Quantized only next
+  to another quantized node.
+- a Relu, or a Clip with min 0, right after a compute/qlinear node is folded: the producer's
+  output takes its name and its range [0, max], and the QuantizeLinear clips (as ORT's own
+  quantizer does).
+Every tensor a quantized node produces goes through its QuantizeLinear, also for float
+consumers (which get their own DequantizeLinear), so ORT can fuse the producer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range, tensor_values
+from onnxcomp.data import Dataset
+from onnxcomp.passes.qdq import (
+    Names,
+    QParams,
+    activation_params,
+    add_initializer,
+    bias_params,
+    constant_array,
+    dequantize_linear,
+    dequantized_constant,
+    is_excluded,
+    opset_version,
+    quantize_linear,
+    weight_params,
+)
+from onnxcomp.passes.qdq_prepare import value_types
+
+if TYPE_CHECKING:
+    from onnxcomp.passes.quantize import QuantizeStaticConfig
+
+__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable", "apply_static",
+           "data_inputs",
+           "COMPUTE_OPS", "QLINEAR_OPS", "SHARED_SCALE_OPS"]
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+# op -> indices of the inputs that carry data (None: all)
+QLINEAR_OPS = {"Add": None, "Mul": None, "Concat": None, "Where": (1, 2), "AveragePool": (0,),
+               "GlobalAveragePool": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "Softmax": (0,)}
+# op -> newest opset ORT's drop-QDQ rule matches it at (None: any)
+SHARED_SCALE_OPS = {"Reshape": None, "Flatten": None, "Transpose": None, "Squeeze": None, "Unsqueeze": None,
+                    "Gather": None, "GatherElements": None, "Slice": None, "Expand": None, "Tile": None,
+                    "Resize": None, "Split": None, "MaxPool": 21}
+_UNIT_RANGE_OUTPUTS = ("Softmax", "Sigmoid")
+
+
+@dataclasses.dataclass
+class StaticPlan:
+    """What :func:`apply_static` will quantize. Tensor names are those of the float graph; a folded
+    Relu's output name stands for its producer's output."""
+
+    roles: dict[ir.Node, str] = dataclasses.field(default_factory=dict)  # node -> compute|qlinear|shared
+    folded: dict[ir.Node, ir.Node] = dataclasses.field(default_factory=dict)  # Relu/Clip -> its producer
+    tensors: list[str] = dataclasses.field(default_factory=list)  # get Q (activations) or DQ (constants)
+    constants: set[str] = dataclasses.field(default_factory=set)  # of ``tensors``: initializers
+    shares: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> tensor it takes params from
+    bounds: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # hard range limits
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    values: dict[str, ir.Value] = dataclasses.field(default_factory=dict)  # tensor name -> its float value
+
+    def value(self, name: str) -> ir.Value:
+        return self.values[name]
+
+    def root(self, name: str) -> str:
+        """The tensor whose range sets ``name``'s parameters."""
+        while name in self.shares:
+            name = self.shares[name]
+        return name
+
+    def roots(self) -> list[str]:
+        """Tensors that need a range of their own (calibrated, or from a constant's values)."""
+        return [t for t in self.tensors if t not in self.shares]
+
+
+def plan_static(model: ir.Model, options: QuantizeStaticConfig,
+                exclude: Mapping[ir.Node, str] | None = None) -> StaticPlan:
+    """Decide which nodes and tensors to quantize (the model is not changed).
+
+    ``exclude`` keeps more nodes float, each with the reason to report (on top of the options'
+    ``exclude_nodes`` / ``exclude_ops``).
+    """
+    graph, plan, exclude = model.graph, StaticPlan(), exclude or {}
+    types = value_types(model)
+    opset = opset_version(model)
+    shared = []
+    for node in graph:
+        role = _role(node, opset)
+        if role is None:
+            continue
+        why = "excluded" if is_excluded(node, options) else exclude.get(node) or _ineligible(node, role, types)
+        if why and (role == "compute" or why == "excluded" or node in exclude):
+            plan.skipped.append((_label(node), why))
+        if why:
+            continue
+        if role == "shared":
+            shared.append(node)
+        else:
+            plan.roles[node] = role
+    _drop_dead_end_qlinear(plan, set(shared))
+    for node in graph:
+        if node.op_type in ("Relu", "Clip") and not is_excluded(node, options) and node not in exclude:
+            producer = _foldable_into(node, plan.roles)
+            if producer is not None:
+                plan.folded[node] = producer
+    _add_shared(graph, plan, shared)
+    _plan_tensors(plan, types)
+    return plan
+
+
+def calibrate_plan(model: ir.Model, plan: StaticPlan, data: Dataset, options: QuantizeStaticConfig,
+                   *, batch_size: int = 32, progress=None) -> dict[str, Histogram | MinMax]:
+    """Stream ``data`` through the float ``model`` once: one reducer per tensor needing a range."""
+    wanted = [t for t in plan.roots() if t not in plan.constants]
+    reducers = {t: [MinMax() if options.method == "minmax" else Histogram(options.histogram_bins)] for t in wanted}
+    collect(model, data, reducers, batch_size=batch_size, progress=progress)
+    return {t: r[0] for t, r in reducers.items()}
+
+
+def plan_ranges(model: ir.Model, plan: StaticPlan, stats: dict[str, Histogram | MinMax],
+                options: QuantizeStaticConfig) -> dict[str, tuple[float, float]]:
+    """(lo, hi) for every root tensor: ``options.method`` over its statistics, a constant's own
+    min/max, then the plan's hard bounds (Softmax/Sigmoid [0, 1], folded Relu/Clip limits)."""
+    initializers = model.graph.initializers
+    ranges = {}
+    for name in plan.roots():
+        if name in plan.constants:
+            array = initializers[name].const_value.numpy()
+            lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        else:
+            lo, hi = tensor_range(stats[name], options.method, percentile=options.percentile)
+        if name in plan.bounds:
+            low, high = plan.bounds[name]
+            lo, hi = max(lo, low), min(hi, high)
+        ranges[name] = (min(lo, 0.0), max(hi, 0.0))
+    return ranges
+
+
+def unquantizable(plan: StaticPlan, ranges: dict[str, tuple[float, float]],
+                  limit: float) -> dict[ir.Node, str]:
+    """Nodes to keep float because a tensor they read or must quantize has a range beyond
+    ±``limit`` (attention masks, -inf sentinels): 8 bits over it would zero every real value.
+
+    The quantized consumers of such a tensor, and its producer unless that is a MatMul/Gemm
+    (which can keep a float output), each with the reason.
+    """
+    found = {}
+    for tensor in plan.tensors:
+        lo, hi = ranges[plan.root(tensor)]
+        if max(-lo, hi) < limit:
+            continue
+        why = f"tensor '{tensor}' spans [{lo:.3g}, {hi:.3g}], beyond max_range (a mask?)"
+        value = plan.value(tensor)
+        producer = plan.folded.get(value.producer(), value.producer())
+        if producer in plan.roles and producer.op_type not in ("MatMul", "Gemm"):
+            found[producer] = why
+        for consumer, index in value.uses():
+            if consumer in plan.roles and index in data_inputs(consumer):
+                found[consumer] = why
+    return found
+
+
+def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
+                 options: QuantizeStaticConfig) -> dict[str, QParams]:
+    """Rewrite ``model`` as planned; return the activation parameters of every quantized tensor."""
+    graph = model.graph
+    for act in plan.folded:
+        _fold_activation(graph, act)
+    names = Names(graph)
+    params = {t: activation_params(*ranges[plan.root(t)], options.activation_type) for t in plan.tensors}
+    stored: dict[str, tuple[ir.Value, ir.Value]] = {}  # root -> its scale and zero point initializers
+
+    def initializers_of(tensor: str) -> tuple[ir.Value, ir.Value]:
+        root = plan.root(tensor)
+        if root not in stored:
+            p = params[root]
+            stored[root] = (add_initializer(graph, names, f"{root}_scale", p.scale),
+                            add_initializer(graph, names, f"{root}_zero_point", p.zero_point))
+        return stored[root]
+
+    for node, role in plan.roles.items():
+        if role == "compute" and node.inputs[1].const_value is not None:
+            _quantize_weights(graph, names, node, params[node.inputs[0].name], options)
+    values = {**tensor_values(model), **graph.initializers}
+    for tensor in plan.tensors:
+        value = values[tensor]
+        if tensor in plan.constants:
+            _dequantize_constant(graph, names, value, params[tensor], plan)
+        else:
+            _insert_qdq(graph, names, value, *initializers_of(tensor), plan)
+    ir_common.RemoveUnusedNodesPass()(model)
+    ir_common.TopologicalSortPass()(model)
+    return params
+
+
+# --- planning helpers ---------------------------------------------------------------------------
+
+def _role(node: ir.Node, opset: int) -> str | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in COMPUTE_OPS:
+        return "compute"
+    if node.op_type in QLINEAR_OPS:
+        return "qlinear"
+    if node.op_type in SHARED_SCALE_OPS:
+        newest = SHARED_SCALE_OPS[node.op_type]
+        return "shared" if newest is None or opset <= newest else None
+    return None
+
+
+def data_inputs(node: ir.Node) -> list[int]:
+    """Indices of the inputs a quantized ``node`` reads through DequantizeLinear."""
+    op = node.op_type
+    if op in COMPUTE_OPS:
+        return [i for i in range(min(len(node.inputs), 3)) if node.inputs[i] is not None]
+    if op in QLINEAR_OPS and QLINEAR_OPS[op] is not None:
+        return [i for i in QLINEAR_OPS[op] if i < len(node.inputs)]
+    if op in QLINEAR_OPS:
+        return list(range(len(node.inputs)))
+    return [0]
+
+
+def _is_float(value: ir.Value | None, types) -> bool:
+    """float32 (a value of unknown type is not)."""
+    if value is None:
+        return False
+    return (value.dtype or types.get(value.name, (None, None))[0]) == ir.DataType.FLOAT
+
+
+def _ineligible(node: ir.Node, role: str, types) -> str | None:
+    """Why ``node`` cannot be quantized, or None."""
+    inputs = data_inputs(node)
+    if role == "compute":
+        inputs = [0] if constant_array(node.inputs[1]) is not None else [0, 1]
+    if not all(_is_float(node.inputs[i], types) for i in inputs):
+        return "an input is not float32"
+    if not all(_is_float(o, types) for o in node.outputs):
+        return "an output is not float32"
+    op = node.op_type
+    weight = constant_array(node.inputs[1]) if role == "compute" else None
+    if op in ("Conv", "Gemm") and weight is None:
+        return "the weight is not a constant"
+    if op == "Gemm" and weight.ndim != 2:
+        return "the weight is not 2-D"
+    bias = node.inputs[2] if op in ("Conv", "Gemm") and len(node.inputs) > 2 else None
+    if bias is not None and (constant_array(bias) is None or constant_array(bias).ndim != 1):
+        return "the bias is not a constant vector (run cleanup first)"
+    return None
+
+
+def _foldable_into(act: ir.Node, roles: dict[ir.Node, str]) -> ir.Node | None:
+    """The compute/qlinear producer a Relu (or Clip with min 0) can be folded into, or None."""
+    x = act.inputs[0]
+    producer = x.producer() if x is not None else None
+    if producer is None or roles.get(producer) not in ("compute", "qlinear"):
+        return None
+    if len(x.uses()) != 1 or x.is_graph_output() or len(producer.outputs) != 1:
+        return None
+    if act.op_type == "Clip":
+        low = _clip_bounds(act)[0]
+        if low != 0.0:
+            return None
+    return producer
+
+
+def _clip_bounds(clip: ir.Node) -> tuple[float | None, float]:
+    """Clip's (min, max) when constant; min None when it is not."""
+    low = constant_array(clip.inputs[1]) if len(clip.inputs) > 1 and clip.inputs[1] is not None else None
+    high = constant_array(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2] is not None else None
+    if len(clip.inputs) > 2 and clip.inputs[2] is not None and high is None:
+        return None, np.inf
+    return (None if low is None else float(low)), (np.inf if high is None else float(high))
+
+
+def _effective_output(value: ir.Value, plan: StaticPlan) -> ir.Value:
+    """``value``, or the output of the Relu/Clip folded into its producer."""
+    consumers = value.consumers()
+    if len(consumers) == 1 and consumers[0] in plan.folded:
+        return consumers[0].outputs[0]
+    return value
+
+
+def _effective_producer(value: ir.Value, plan: StaticPlan) -> ir.Node | None:
+    producer = value.producer()
+    return plan.folded.get(producer, producer)
+
+
+def _drop_dead_end_qlinear(plan: StaticPlan, shared: set[ir.Node]) -> None:
+    """Keep a qlinear node (Add, Mul, …) only when its int8 output reaches another quantized node
+    (through data-movement ops, Relu/Clip): a QLinearAdd feeding only float ops (a residual Add
+    before LayerNorm) saves no Q/DQ and re-quantizes its inputs per tensor."""
+    changed = True
+    while changed:
+        changed = False
+        for node in [n for n, role in plan.roles.items() if role == "qlinear"]:
+            if not any(_reaches_quantized(o, plan, shared) for o in node.outputs):
+                del plan.roles[node]
+                changed = True
+
+
+def _reaches_quantized(value: ir.Value, plan: StaticPlan, shared: set[ir.Node]) -> bool:
+    for consumer in value.consumers():
+        if consumer in plan.roles:
+            return True
+        if consumer in shared or consumer.op_type in ("Relu", "Clip"):
+            if any(_reaches_quantized(o, plan, shared) for o in consumer.outputs):
+                return True
+    return False
+
+
+def _add_shared(graph: ir.Graph, plan: StaticPlan, candidates: list[ir.Node]) -> None:
+    """Quantize data-movement ops that touch a quantized node (repeated until nothing changes)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in candidates:
+            if node in plan.roles:
+                continue
+            x = node.inputs[0]
+            neighbours = [_effective_producer(x, plan), *x.consumers()]
+            neighbours += [c for o in node.outputs for c in o.consumers()]
+            if any(n is not node and n in plan.roles for n in neighbours):
+                plan.roles[node] = "shared"
+                changed = True
+    plan.roles = {n: plan.roles[n] for n in graph if n in plan.roles}  # graph order
+
+
+def _plan_tensors(plan: StaticPlan, types) -> None:
+    seen = set()
+
+    def add(value: ir.Value) -> None:
+        if value.name not in seen:
+            seen.add(value.name)
+            plan.tensors.append(value.name)
+            plan.values[value.name] = value
+            if constant_array(value) is not None:
+                plan.constants.add(value.name)
+
+    for node, role in plan.roles.items():
+        for i in data_inputs(node):
+            value = node.inputs[i]
+            if value is None or (role == "compute" and i > 0 and constant_array(value) is not None):
+                continue  # weights and bias are quantized with the node
+            add(value)
+        for out in node.outputs:
+            if not _is_float(out, types):
+                continue
+            final = _effective_output(out, plan)
+            wanted = role != "compute" or node.op_type == "Conv" or final is not out
+            if wanted or any(c in plan.roles for c in final.consumers()):
+                add(final)
+            if role == "shared":
+                plan.shares[final.name] = node.inputs[0].name
+            elif node.op_type in _UNIT_RANGE_OUTPUTS:
+                plan.bounds[final.name] = (0.0, 1.0)
+            if final is not out:
+                act = final.producer()
+                low, high = _clip_bounds(act) if act.op_type == "Clip" else (0.0, np.inf)
+                plan.bounds[final.name] = (low, high)
+
+
+def _label(node: ir.Node) -> str:
+    return f"{node.op_type} {node.name}" if node.name else node.op_type
+
+
+# --- rewrite helpers ----------------------------------------------------------------------------
+
+def _fold_activation(graph: ir.Graph, act: ir.Node) -> None:
+    """Remove ``act``; its producer's output takes the activation's output name."""
+    x, y = act.inputs[0], act.outputs[0]
+    name = y.name
+    x.type, x.shape = y.type or x.type, y.shape or x.shape  # an elementwise op: same type and shape
+    y.replace_all_uses_with(x, replace_graph_outputs=True)
+    graph.remove(act, safe=True)
+    x.name = name
+
+
+def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | None:
+    if not per_channel:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 1 if weight.ndim == 2 else None  # MatMul [K, N]: per output column
+
+
+def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options) -> None:
+    """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear."""
+    weight = node.inputs[1]
+    array = weight.const_value.numpy()
+    wp, wq = weight_params(array, _weight_axis(node, array, options.per_channel),
+                           method=options.weight_method, reduce_range=options.reduce_range)
+    node.replace_input_with(1, dequantized_constant(graph, names, weight.name, wq, wp, node))
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        bp, bq = bias_params(bias.const_value.numpy(), input_params.scale, wp)
+        node.replace_input_with(2, dequantized_constant(graph, names, bias.name, bq, bp, node, zero_point=False))
+
+
+def _dequantize_constant(graph: ir.Graph, names: Names, value: ir.Value, params: QParams, plan: StaticPlan) -> None:
+    """A constant read by quantized nodes: stored quantized, one DequantizeLinear per use."""
+    q = params.quantize(value.const_value.numpy())
+    for consumer, index in list(value.uses()):
+        if consumer in plan.roles and index in data_inputs(consumer):
+            consumer.replace_input_with(index, dequantized_constant(graph, names, value.name, q, params, consumer))
+
+
+def _insert_qdq(graph: ir.Graph, names: Names, value: ir.Value, scale: ir.Value, zero: ir.Value,
+                plan: StaticPlan) -> None:
+    """One QuantizeLinear after ``value``; a DequantizeLinear for each use that needs one.
+
+    Quantized consumers always read through Q/DQ. When ``value`` comes from a quantized node,
+    float consumers and the graph output do too (the producer must feed only its Q to fuse).
+    """
+    producer = value.producer()
+    from_quantized = producer in plan.roles
+    q_node = None
+
+    def dequantized(consumer: ir.Node | None = None) -> ir.Value:
+        nonlocal q_node
+        if q_node is None:
+            q_node = quantize_linear(value, scale, zero, names, value.name)
+            if producer is not None:
+                graph.insert_after(producer, q_node)
+            else:
+                graph.insert_before(next(iter(graph)), q_node)
+        s, z, axis = scale, zero, None
+        guard = _float_guard(consumer) if consumer is not None and consumer not in plan.roles else None
+        if guard is not None:
+            axis, channels = guard
+            s = add_initializer(graph, names, f"{scale.name}_per_axis", np.tile(scale.const_value.numpy(), channels))
+            z = add_initializer(graph, names, f"{zero.name}_per_axis", np.tile(zero.const_value.numpy(), channels))
+        dq = dequantize_linear(q_node.outputs[0], s, z, names, value.name, axis)
+        graph.insert_after(q_node, dq)
+        return dq.outputs[0]
+
+    for consumer, index in list(value.uses()):
+        if (consumer in plan.roles and index in data_inputs(consumer)) or from_quantized:
+            consumer.replace_input_with(index, dequantized(consumer if index == 0 else None))
+    if from_quantized and value.is_graph_output():
+        name = value.name
+        out = dequantized()
+        value.name = names(f"{name}_float")
+        graph.outputs[list(graph.outputs).index(value)] = out
+        out.name = name
+
+
+def _float_guard(node: ir.Node) -> tuple[int, int] | None:
+    """(axis, channels) for a per-axis DequantizeLinear in front of a float Conv/ConvTranspose/Gemm.
+
+    ORT quantizes such a node itself (WeightBiasQuantization: per-tensor weights) when its input
+    comes from a per-tensor DequantizeLinear and its output reaches a QuantizeLinear; the same
+    scale repeated along the channel axis reads the same values and keeps the node float.
+    """
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight is None or weight.ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        return 1, weight.shape[1] * node.attributes.get_int("group", 1)
+    if node.op_type == "ConvTranspose":
+        return 1, weight.shape[0]
+    k = weight.shape[1] if node.attributes.get_int("transB", 0) else weight.shape[0]
+    return (0 if node.attributes.get_int("transA", 0) else 1), k

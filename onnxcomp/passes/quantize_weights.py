@@ -1,0 +1,347 @@
+"""``quantize_weights``: weight-only block-wise int4/int8 for onnxruntime's ``com.microsoft::MatMulNBits``.
+
+Rewrite rules (W is the constant weight, viewed as ``[N, K]``: one row per output feature):
+
+- ``MatMul(A, B)``, B a constant ``[K, N]`` → ``MatMulNBits(A, B_q, scales[, zero_points])``;
+  a following ``Add`` of a constant ``[N]`` bias is folded into MatMulNBits' ``bias`` input.
+- ``Gemm(A, B, C)`` with ``transA=0`` and constant B → ``MatMulNBits`` of ``alpha·op(B)`` (``transB``
+  respected) with ``beta·C`` as its bias input when C is a constant of N elements, else ``+ Add(C)``.
+- with ``quantize_embeddings``: ``Gather(E, indices)`` on axis 0 of a constant 2-D table →
+  ``com.microsoft::GatherBlockQuantized`` (rows quantized in blocks along the hidden axis).
+
+Weights are quantized by :mod:`onnxcomp.blockquant` (block layout, scales, packing): ``rtn`` rounds
+to the nearest code; ``gptq`` feeds each column's rounding error forward through the layer's
+Hessian ``H = XᵀX / n``, collected for every target input in one calibration run over the float
+model (:func:`onnxcomp.calibrate.collect`, ``Gram`` reducer). With ``act_order`` the block scales
+are fixed from the original weights first, because MatMulNBits blocks are contiguous in K.
+
+onnxruntime 1.32's CPU kernel accepts bits 2, 4 and 8 (this pass offers 4 and 8: 2-bit loses too
+much on our models); GatherBlockQuantized runs on the CPU with uint8 data packed like MatMulNBits'.
+``accuracy_level=4`` quantizes A to int8 per block and uses integer dot products; 0 dequantizes B and
+computes in float32. Measured on an AVX2 CPU without VNNI (ORT 1.32, 2 threads): at 8 bits the float
+path has no fast kernel (2-15x slower than level 4 for 1-8 rows), at 4 bits level 4 only wins for a
+single row and loses from ~32 rows on (MiniLM batch 1: 1.20x fp32 time at level 0, 1.3-1.4x at 4),
+hence ``auto``. Weight-only int4 saves size and memory traffic; on such CPUs it is not faster than fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxcomp.blockquant import BlockQuant, pack_bits, quantize_gptq, quantize_rtn, relative_error
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.qdq import Names, add_initializer
+from onnxcomp.registry import register
+
+__all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
+
+MS_DOMAIN = "com.microsoft"
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+class QuantizeWeightsConfig(PassConfig):
+    bits: Literal[4, 8] = Field(4, description="bits per weight (ORT's CPU MatMulNBits runs 2, 4 and 8)")
+    block_size: Literal[32, 64, 128] = Field(32, description="weights per quantization block along K")
+    symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1) (not stored); default: one per "
+                                               "block (more accurate, as fast, ~1.5 % more bytes at int4/32)")
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="round-to-nearest, or GPTQ error feedback (needs --calib)")
+    accuracy_level: Literal["auto", 0, 1, 4] = Field(
+        "auto", description="MatMulNBits accuracy_level: 4 = A quantized to int8 per block, integer dot products; "
+                            "0/1 = float32. auto: 0 for 4 bits, 4 for 8 bits (the faster on x86 CPUs, "
+                            "see module doc)")
+    damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to diag(H), as a fraction of its mean")
+    act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal")
+    range_search: bool = Field(False, description="per block, shrink the range if that lowers the squared error")
+    min_size: int = Field(0, ge=0, description="weights with fewer elements are left in float")
+    exclude: tuple[str, ...] = Field((), description="node or weight name globs left in float")
+    fold_bias: bool = Field(True, description="fold a following Add of a constant [N] bias into MatMulNBits")
+    quantize_embeddings: bool = Field(False, description="Gather on constant 2-D tables -> GatherBlockQuantized")
+
+    @property
+    def kernel_accuracy_level(self) -> int:
+        """The accuracy_level written into MatMulNBits nodes."""
+        if self.accuracy_level == "auto":
+            return 4 if self.bits == 8 else 0
+        return self.accuracy_level
+
+
+@register
+class QuantizeWeights(CompressionPass):
+    name = "quantize_weights"
+    summary = "weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ; optional embeddings"
+    Config = QuantizeWeightsConfig
+    needs_calibration = False  # only method gptq needs it: checked in run()
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        cfg: QuantizeWeightsConfig = self.config
+        if cfg.method == "gptq":
+            self.context.require_calib("quantize_weights (method gptq)")
+        graph = model.graph
+        targets = [t for node in list(graph) if (t := self._target(node, stats)) is not None]
+        hessians = self._hessians(model, targets) if cfg.method == "gptq" and targets else {}
+        errors: dict[str, float] = {}
+        bytes_before = bytes_after = 0
+        names = Names(graph)
+        for target in targets:
+            h = hessians.get(target.input_name)
+            if h is None:
+                quant = quantize_rtn(target.weight, cfg.bits, cfg.block_size, cfg.symmetric, target.dtype,
+                                     search=cfg.range_search)
+            else:
+                quant = quantize_gptq(target.weight, h, cfg.bits, cfg.block_size, cfg.symmetric, target.dtype,
+                                      damp=cfg.damp, act_order=cfg.act_order, search=cfg.range_search)
+            errors[target.node.name] = relative_error(target.weight, quant.dequantize(), h)
+            bytes_before += target.weight.size * np.dtype(target.dtype).itemsize
+            bytes_after += _rewrite_matmul(graph, names, target, quant, cfg)
+            method = "gptq" if h is not None else "rtn"
+            padded = f" (K padded to {quant.codes.shape[1]})" if quant.codes.shape[1] != target.k else ""
+            stats.touch(f"{target.node.op_type} {target.node.name}: K={target.k} N={target.n} -> MatMulNBits "
+                        f"{cfg.bits}-bit/{cfg.block_size}{padded} ({method}), "
+                        f"rel. error {errors[target.node.name]:.2e}")
+        if targets:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            stats.notes.append("rel. error: " + ("output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
+                                                 if hessians else "weight error |dW|^2/|W|^2"))
+        if cfg.quantize_embeddings:
+            b, a = self._quantize_gathers(model, stats)
+            bytes_before, bytes_after = bytes_before + b, bytes_after + a
+        else:
+            stats.notes.append("embeddings (Gather) left in float: "
+                               "set quantize_embeddings to use GatherBlockQuantized")
+        stats.metrics.update(
+            quantized_matmuls=len(targets), layer_error=errors, accuracy_level=cfg.kernel_accuracy_level,
+            weight_bytes_before=bytes_before, weight_bytes_after=bytes_after,
+        )
+
+    # -- eligibility -----------------------------------------------------------------------------
+
+    def _target(self, node: ir.Node, stats: PassStats) -> _Target | None:
+        """The MatMul/Gemm ``node`` as a quantization target, or None (with a skip reason when relevant)."""
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            return None
+        what = f"{node.op_type} {node.name}"
+        b = node.inputs[1] if len(node.inputs) > 1 else None
+        if b is None or b.const_value is None or b.is_graph_input():
+            stats.skip(what, "weight not constant")
+            return None
+        if b.const_value.dtype not in _FLOAT_TYPES:
+            stats.skip(what, f"weight type {b.const_value.dtype} is not float32/float16")
+            return None
+        array = b.const_value.numpy()
+        if array.ndim != 2:
+            stats.skip(what, f"weight has rank {array.ndim}; MatMulNBits needs a 2-D weight")
+            return None
+        if self._excluded(node, b):
+            stats.skip(what, "excluded by name")
+            return None
+        if array.size < self.config.min_size:
+            stats.skip(what, f"too small ({array.shape[0]}x{array.shape[1]} < min_size {self.config.min_size})")
+            return None
+        if node.op_type == "MatMul":
+            return _Target(node, array.T.astype(np.float64), array.dtype)
+        return _gemm_target(node, array, what, stats)
+
+    def _excluded(self, node: ir.Node, weight: ir.Value) -> bool:
+        names = (node.name or "", weight.name or "")
+        return any(fnmatch.fnmatchcase(n, p) for p in self.config.exclude for n in names)
+
+    # -- calibration -----------------------------------------------------------------------------
+
+    def _hessians(self, model: ir.Model, targets: list[_Target]) -> dict[str, np.ndarray]:
+        """``XᵀX / n`` of every target's input activation, in one calibration run."""
+        from onnxcomp.calibrate import Gram, collect
+
+        data = self.context.require_calib("quantize_weights (method gptq)")
+        grams = {name: Gram() for name in dict.fromkeys(t.input_name for t in targets)}
+        collect(model, data, {name: [g] for name, g in grams.items()}, batch_size=self.context.batch_size)
+        return {name: g.xtx / max(g.count, 1) for name, g in grams.items() if g.xtx is not None}
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def _quantize_gathers(self, model: ir.Model, stats: PassStats) -> tuple[int, int]:
+        """Gather on axis 0 of constant 2-D float tables -> GatherBlockQuantized; returns bytes before/after."""
+        cfg: QuantizeWeightsConfig = self.config
+        before = after = 0
+        names = Names(model.graph)
+        for node in list(model.graph):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = node.inputs[0]
+            if table is None or table.const_value is None or table.is_graph_input():
+                continue  # shape arithmetic and the like: not an embedding
+            what = f"Gather {node.name}"
+            array = table.const_value.numpy()
+            reason = _gather_skip_reason(node, array, cfg)
+            if reason is None and self._excluded(node, table):
+                reason = "excluded by name"
+            if reason:
+                stats.skip(what, reason)
+                continue
+            quant = quantize_rtn(array.astype(np.float64), cfg.bits, cfg.block_size, cfg.symmetric, array.dtype,
+                                 search=cfg.range_search)
+            before += array.nbytes
+            after += _rewrite_gather(model.graph, names, node, quant, cfg)
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            stats.touch(f"{what}: {array.shape[0]}x{array.shape[1]} table -> GatherBlockQuantized "
+                        f"{cfg.bits}-bit/{cfg.block_size} (rtn), rel. error "
+                        f"{relative_error(array.astype(np.float64), quant.dequantize()):.2e}")
+        return before, after
+
+
+@dataclasses.dataclass
+class _Target:
+    """A MatMul/Gemm to rewrite: its weight as ``[N, K]`` float64, and (Gemm) its bias or C input."""
+
+    node: ir.Node
+    weight: np.ndarray
+    dtype: np.dtype
+    bias: np.ndarray | None = None
+    add_input: ir.Value | None = None  # a C that must stay a separate Add
+
+    @property
+    def input_name(self) -> str:
+        return self.node.inputs[0].name
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[1]
+
+
+def _gemm_target(node: ir.Node, b: np.ndarray, what: str, stats: PassStats) -> _Target | None:
+    """Gemm as ``A @ Wᵀ + bias`` (alpha folded into W, beta into a constant C), or None if not expressible."""
+    attrs = node.attributes
+    if attrs.get_int("transA", 0):
+        stats.skip(what, "transA=1: MatMulNBits takes A untransposed")
+        return None
+    alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
+    w = (b if attrs.get_int("transB", 0) else b.T).astype(np.float64) * alpha
+    target = _Target(node, w, b.dtype)
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is None or beta == 0.0:
+        return target
+    if c.const_value is not None and not c.is_graph_input():
+        array = c.const_value.numpy()
+        if array.size == w.shape[0] and 1 <= array.ndim <= 2 and array.shape[-1] == w.shape[0]:
+            target.bias = (array.reshape(-1).astype(np.float64) * beta).astype(b.dtype)
+            return target
+    if beta != 1.0:
+        stats.skip(what, "C is not a constant [N] bias and beta != 1")
+        return None
+    target.add_input = c
+    return target
+
+
+def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsConfig) -> str | None:
+    if table.dtype not in (np.float32, np.float16):
+        return f"table type {table.dtype} is not float32/float16"
+    if table.ndim != 2:
+        return f"table has rank {table.ndim}; only 2-D embedding tables are quantized"
+    if node.attributes.get_int("axis", 0) not in (0, -2):
+        return "gathers along the hidden axis"
+    if table.size < cfg.min_size:
+        return f"too small ({table.shape[0]}x{table.shape[1]} < min_size {cfg.min_size})"
+    if (table.shape[1] * cfg.bits) % 8:
+        return f"hidden size {table.shape[1]} does not fill whole bytes at {cfg.bits} bits"
+    return None
+
+
+# -- graph rewriting -----------------------------------------------------------------------------
+
+
+def _rewrite_matmul(graph: ir.Graph, names: Names, target: _Target, quant: BlockQuant,
+                    cfg: QuantizeWeightsConfig) -> int:
+    """Replace ``target.node`` by MatMulNBits (+ Add); returns the bytes of the new initializers."""
+    node, n, k = target.node, target.n, target.k
+    base = node.inputs[1].name or node.name or "weight"
+    blocks = quant.scales.shape[1]
+    packed = pack_bits(quant.codes.reshape(n, blocks, quant.block_size), quant.bits)
+    inputs = [node.inputs[0], add_initializer(graph, names, f"{base}_q{quant.bits}", packed),
+              add_initializer(graph, names, f"{base}_scales", quant.scales)]
+    zero_points = None if cfg.symmetric else pack_bits(quant.zero_points, quant.bits)
+    inputs.append(None if zero_points is None else add_initializer(graph, names, f"{base}_zp", zero_points))
+    output = node.outputs[0]
+    bias, add = target.bias, target.add_input
+    if bias is None and add is None and cfg.fold_bias:
+        bias, output = _foldable_bias(output, n, target.dtype)
+    if bias is not None:  # inputs: A, B, scales, zero_points, g_idx, bias
+        inputs += [None, add_initializer(graph, names, f"{base}_bias", bias)]
+    attrs = {"K": k, "N": n, "bits": quant.bits, "block_size": quant.block_size}
+    if cfg.kernel_accuracy_level:
+        attrs["accuracy_level"] = cfg.kernel_accuracy_level
+    while inputs[-1] is None:
+        inputs.pop()
+    new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=names(f"{node.name}_MatMulNBits"))
+    replaced = [new]
+    if add is not None:
+        replaced.append(ir.node("Add", [new.outputs[0], add], name=names(f"{node.name}_bias")))
+    _replace(graph, node, output, replaced)
+    return _nbytes(inputs[1:])
+
+
+def _foldable_bias(output: ir.Value, n: int, dtype) -> tuple[np.ndarray | None, ir.Value]:
+    """If ``output``'s only use is ``Add(output, constant [N])``, that bias and the Add's output."""
+    uses = output.uses()
+    if len(uses) != 1 or output.is_graph_output():
+        return None, output
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, output
+    other = add.inputs[1 - uses[0].idx]
+    if other is None or other.const_value is None or other.is_graph_input():
+        return None, output
+    array = other.const_value.numpy()
+    if array.dtype != dtype or array.shape not in ((n,), (1, n)):
+        return None, output
+    return array.reshape(n), add.outputs[0]
+
+
+def _rewrite_gather(graph: ir.Graph, names: Names, node: ir.Node, quant: BlockQuant,
+                    cfg: QuantizeWeightsConfig) -> int:
+    """Replace Gather by GatherBlockQuantized (uint8 data packed along the hidden axis)."""
+    base = node.inputs[0].name or node.name or "table"
+    rows = quant.codes.shape[0]
+    data = pack_bits(quant.codes[:, : quant.k], quant.bits).reshape(rows, -1)
+    inputs = [add_initializer(graph, names, f"{base}_q{quant.bits}", data), node.inputs[1],
+              add_initializer(graph, names, f"{base}_scales", quant.scales)]
+    if not cfg.symmetric:
+        inputs.append(add_initializer(graph, names, f"{base}_zp", pack_bits(quant.zero_points, quant.bits)))
+    attrs = {"bits": quant.bits, "block_size": quant.block_size, "gather_axis": 0, "quantize_axis": 1}
+    new = ir.node("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN,
+                  name=names(f"{node.name}_GatherBlockQuantized"))
+    _replace(graph, node, node.outputs[0], [new])
+    return _nbytes(inputs[:1] + inputs[2:])
+
+
+def _replace(graph: ir.Graph, node: ir.Node, output: ir.Value, new_nodes: list[ir.Node]) -> None:
+    """Insert ``new_nodes`` before ``node``; the last one's output takes over ``output`` (name included);
+    ``node`` and anything between it and ``output`` (a folded Add) are removed, with the initializers
+    only they used."""
+    graph.insert_before(node, new_nodes)
+    result = new_nodes[-1].outputs[0]
+    result.shape, result.type = output.shape, output.type
+    dead = [output.producer()] if output.producer() is not node else []
+    name = output.name
+    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    for old in [*dead, node]:
+        inputs = list(old.inputs)
+        graph.remove(old, safe=True)
+        for value in inputs:  # weights nobody uses any more
+            if value is not None and value.name in graph.initializers and not value.uses() \
+                    and not value.is_graph_output():
+                del graph.initializers[value.name]
+    result.name = name
+
+
+def _nbytes(values: list[ir.Value | None]) -> int:
+    return sum(v.const_value.nbytes for v in values if v is not None and v.const_value is not None)

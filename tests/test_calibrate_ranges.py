@@ -1,0 +1,113 @@
+"""Range methods of calibrate.py on synthetic distributions with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcomp.calibrate import (
+    Histogram,
+    MinMax,
+    entropy_range,
+    minmax_range,
+    mse_range,
+    percentile_range,
+    tensor_range,
+    weight_absmax,
+)
+
+
+def _histogram(values: np.ndarray, bins: int = 2048, batches: int = 8) -> Histogram:
+    hist = Histogram(bins)
+    for chunk in np.array_split(values.astype(np.float32), batches):
+        hist.update(chunk)
+    return hist
+
+
+@pytest.fixture(scope="module")
+def heavy_tailed() -> np.ndarray:
+    return np.random.default_rng(0).standard_t(3, 200_000)
+
+
+def test_histogram_doubling_keeps_counts_and_extremes():
+    hist = Histogram(64)
+    hist.update(np.array([0.3, -0.2], np.float32))
+    hist.update(np.array([2.0, -5.0, 1.0], np.float32))  # range 0.3 -> 9.6 (five doublings)
+    assert hist.range == pytest.approx(9.6) and hist.counts.sum() == 5
+    assert (hist.min, hist.max) == (-5.0, 2.0)
+    edges = hist.edges  # every value still sits in the bin that contains it
+    for v in (0.3, -0.2, 2.0, -5.0, 1.0):
+        i = np.searchsorted(edges, v, side="right") - 1
+        assert hist.counts[i] >= 1
+
+
+def test_minmax_is_exact(heavy_tailed):
+    hist = _histogram(heavy_tailed)
+    assert minmax_range(hist) == (pytest.approx(heavy_tailed.min()), pytest.approx(heavy_tailed.max()))
+    reducer = MinMax()
+    reducer.update(heavy_tailed)
+    assert tensor_range(reducer, "entropy") == (heavy_tailed.min(), heavy_tailed.max())  # MinMax: min-max
+
+
+def test_percentile_of_a_uniform_histogram():
+    values = np.linspace(-1, 1, 200_001)  # uniform on [-1, 1]: the p-th percentile is 2p - 1
+    lo, hi = percentile_range(_histogram(values), 99.0)
+    assert lo == pytest.approx(-0.98, abs=2e-3) and hi == pytest.approx(0.98, abs=2e-3)
+    assert percentile_range(_histogram(values), 100.0) == (-1.0, 1.0)
+
+
+def test_percentile_two_sided_on_skewed_data():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.uniform(0, 1, 100_000), rng.uniform(-10, 0, 100)])
+    lo, hi = percentile_range(_histogram(values), 99.95)  # 50 of the 100 negatives lie below lo
+    assert lo == pytest.approx(-5, abs=1.5) and hi == pytest.approx(1.0, abs=5e-3)
+
+
+@pytest.mark.parametrize("method", [entropy_range, mse_range])
+def test_heavy_tails_are_clipped_tighter_than_minmax(method, heavy_tailed):
+    hist = _histogram(heavy_tailed)
+    lo, hi = method(hist)
+    assert heavy_tailed.min() < lo < 0 < hi < heavy_tailed.max()
+    assert hi - lo < 0.8 * (heavy_tailed.max() - heavy_tailed.min())
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_one_signed_data_keeps_zero_as_lower_bound(method, heavy_tailed):
+    relu = np.maximum(heavy_tailed, 0)
+    lo, hi = tensor_range(_histogram(relu), method)
+    assert lo == 0.0 and 0 < hi <= relu.max()
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_uniform_data_is_not_clipped(method):
+    values = np.random.default_rng(2).uniform(-1, 1, 100_000)
+    lo, hi = tensor_range(_histogram(values), method)
+    assert lo == pytest.approx(-1, abs=0.03) and hi == pytest.approx(1, abs=0.03)
+
+
+def test_ranges_always_contain_zero():
+    values = np.random.default_rng(3).uniform(2, 3, 1000)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        lo, hi = tensor_range(_histogram(values), method)
+        assert lo == 0.0 and hi <= 3.0
+
+
+def test_weight_absmax_per_channel():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 3, 3, 3))
+    w[2] *= 10
+    np.testing.assert_allclose(weight_absmax(w, 0), np.abs(w).reshape(4, -1).max(axis=1))
+    assert weight_absmax(w, None) == pytest.approx(np.abs(w).max())
+
+
+
+def test_weight_mse_clips_long_channels_and_lowers_the_error():
+    heavy = np.random.default_rng(5).standard_t(4, (4, 100_000))  # long rows: clipping pays
+    clipped, full = weight_absmax(heavy, 0, "mse"), weight_absmax(heavy, 0, "minmax")
+    assert np.all(clipped <= full) and np.all(clipped < 0.95 * full)
+
+    def error(limit):
+        scale = limit[:, None] / 127
+        return ((heavy - np.clip(np.round(heavy / scale), -127, 127) * scale) ** 2).sum()
+
+    assert error(weight_absmax(heavy, 0, "mse")) < error(weight_absmax(heavy, 0, "minmax"))

@@ -1,0 +1,220 @@
+"""quantize_static / quantize_dynamic on the shipped digits models and a synthetic graph.
+
+Bounds: every method keeps val accuracy within 1 point of fp32 on both digits models, and every
+Conv/MatMul/Gemm becomes an int8 kernel in onnxruntime (fused_ratio 1.0).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import load_model
+from onnxcomp.passes.qdq import activation_params, weight_params
+from onnxcomp.pipeline import compress
+from onnxcomp.runtime import optimized_graph
+from tests.qdq_models import gemm_variants, kitchen_sink, kitchen_sink_data, masked_attention
+
+MAX_DROP = 0.01
+
+
+def static(model, calib, val=None, **options):
+    recipe = {"passes": ["cleanup", {"quantize_static": options}]}
+    return compress(model, recipe, calib=calib, val=val, latency_runs=0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_static_accuracy_and_fusion(name, method, cnn_path, mlp_path, calib_path, val_path):
+    result = static(cnn_path if name == "cnn" else mlp_path, calib_path, val_path, method=method)
+    fidelity, quant = result.report["fidelity"], result.report["quantization"]
+    assert fidelity["accuracy_drop"] <= MAX_DROP
+    assert quant["fused_ratio"] == 1.0 and quant["compute"]["quantized"] == (4 if name == "cnn" else 3)
+    assert quant["unfused"] == [] and quant["float_ops_reading_dequantized"] == {}
+    ops = {n.op_type for n in result.model.graph}
+    assert not ops & {"BatchNormalization", "Relu"}  # folded into Conv / into the QuantizeLinear
+
+
+def test_static_graph_shape(cnn_path, calib_path):
+    result = static(cnn_path, calib_path, weight_method="mse")
+    kernels = result.report["quantization"]["int8_kernels"]
+    assert kernels["QLinearConv"] == 2 and kernels["QGemm"] == 2
+    graph = result.model.graph
+    weights = [n for n in graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    by_type = {}
+    for dq in weights:
+        by_type.setdefault(dq.inputs[0].const_value.dtype, []).append(dq)
+    assert len(by_type[onnx.TensorProto.INT8]) == 4 and len(by_type[onnx.TensorProto.INT32]) == 4  # W, bias
+    conv_w = next(dq for dq in by_type[onnx.TensorProto.INT8] if dq.outputs[0].consumers()[0].op_type == "Conv")
+    assert conv_w.attributes.get_int("axis") == 0 and conv_w.inputs[1].const_value.shape == (16,)
+    assert graph.outputs[0].name == "logits"  # the last Gemm keeps a float output (QGemm, no Q/DQ)
+    assert graph.outputs[0].producer().op_type == "Gemm"
+
+
+def test_mlp_matmul_add_becomes_gemm(mlp_path, calib_path):
+    result = static(mlp_path, calib_path)
+    gemms = [n.name for n in result.model.graph if n.op_type == "Gemm"]
+    assert gemms == ["/fc1/Gemm", "/fc2/MatMul", "/fc3/Gemm"]
+    assert result.report["quantization"]["int8_kernels"] == {"QGemm": 3}
+
+
+def test_int8_activations_fuse_on_single_consumer_graphs(cnn_path, calib_path, val_path):
+    result = static(cnn_path, calib_path, val_path, activation_type="int8")
+    assert result.report["quantization"]["fused_ratio"] == 1.0
+    assert result.report["fidelity"]["accuracy_drop"] <= MAX_DROP
+    zero_points = [n.inputs[2].const_value.numpy() for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.int8 for z in zero_points)
+
+
+def test_determinism(tmp_path, cnn_path, calib_path):
+    paths = []
+    for i in range(2):
+        result = static(cnn_path, calib_path, method="entropy")
+        paths.append(result.save(tmp_path / f"q{i}.onnx"))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_exclusions_keep_nodes_float(cnn_path, calib_path, val_path):
+    result = static(cnn_path, calib_path, val_path, exclude_nodes=["/head/head.0/*"], exclude_ops=["Conv"])
+    graph = result.model.graph
+    for name in ("/head/head.0/Gemm", "/features/features.0/Conv", "/features/features.3/Conv"):
+        node = next(n for n in graph if n.name == name)
+        assert node.inputs[1].const_value is not None  # float weight, no DequantizeLinear
+    quant = result.report["quantization"]
+    assert quant["compute"]["quantized"] == 1 and quant["fused_ratio"] == 1.0
+    assert quant["int8_kernels"].get("QLinearConv", 0) == 0 and quant["int8_kernels"]["QGemm"] == 1
+    # onnxruntime does not quantize the excluded Gemm on its own (WeightBiasQuantization)
+    optimized = optimized_graph(result.model)
+    assert any(n.op_type in ("Gemm", "FusedGemm") and n.name.endswith("/head/head.0/Gemm") for n in optimized.graph)
+    assert result.report["fidelity"]["accuracy_drop"] <= MAX_DROP
+    skipped = {s["what"] for s in result.report["passes"][1]["skipped"]}
+    assert "Gemm /head/head.0/Gemm" in skipped
+
+
+def test_dynamic_mlp(mlp_path, val_path):
+    result = compress(mlp_path, "int8-dynamic", val=val_path, latency_runs=0)
+    quant = result.report["quantization"]
+    assert quant["fused_ratio"] == 1.0
+    assert set(quant["int8_kernels"]) <= {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    assert sum(quant["int8_kernels"].values()) == 3
+    assert result.report["fidelity"]["accuracy_drop"] <= MAX_DROP
+
+
+def test_dynamic_skips_conv_with_reason(cnn_path, val_path):
+    result = compress(cnn_path, "int8-dynamic", val=val_path, latency_runs=0)
+    stats = result.report["passes"][1]
+    assert len(stats["touched"]) == 2 and len(stats["skipped"]) == 2
+    assert all("ConvInteger" in s["why"] for s in stats["skipped"])
+    assert result.report["quantization"]["int8_kernels"] == {"DynamicQuantizeMatMul": 2}
+    assert result.report["fidelity"]["accuracy_drop"] <= MAX_DROP
+
+
+def test_kitchen_sink_every_int8_capable_op_fuses(tmp_path):
+    path = tmp_path / "sink.onnx"
+    onnx.save(kitchen_sink(), path)
+    data = kitchen_sink_data()
+    result = static(path, data, data)
+    quant = result.report["quantization"]
+    assert quant["fused_ratio"] == 1.0 and quant["unfused"] == []
+    assert quant["compute"] == {"quantized": 6, "fused": 6} and quant["other"] == {"quantized": 10, "fused": 10}
+    for kernel in ("QLinearAdd", "QLinearAveragePool", "QLinearConcat", "QLinearGlobalAveragePool",
+                   "QLinearSigmoid", "QLinearSoftmax", "QLinearMatMul", "QGemm", "QLinearConv"):
+        assert kernel in quant["int8_kernels"]
+    assert quant["int8_kernels"]["QLinearAdd"] == 1  # the bias Add before LayerNorm stays float (dead end)
+    assert quant["int8_kernels"]["MatMulIntegerToFloat"] == 2  # ... its MatMul and the last keep float outputs
+    assert quant["float_ops_reading_dequantized"] == {}  # no DQ in front of a float op
+    float_ops = {n.name for n in result.model.graph if n.op_type in ("Add", "LayerNormalization")
+                 and not any(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                             for v in n.inputs)}
+    assert float_ops == {"bias_add", "layernorm"}
+    assert result.report["fidelity"]["cosine"] > 0.999
+    assert [v.name for v in result.model.graph.outputs] == ["y", "g"]  # graph outputs keep their names
+
+
+def test_gemm_normalised_and_relu6_folded(tmp_path):
+    path = tmp_path / "gemms.onnx"
+    onnx.save(gemm_variants(), path)
+    data = {"x": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32) * 2}
+    result = static(path, data, data)
+    graph = result.model.graph
+    gemms = [n for n in graph if n.op_type == "Gemm"]
+    assert [n.name for n in gemms] == ["gemm", "matmul"] and not any(n.op_type == "Clip" for n in graph)
+    assert all(n.attributes.get_float("alpha", 1.0) == 1.0 and n.attributes.get_float("beta", 1.0) == 1.0
+               for n in gemms)
+    assert result.report["quantization"]["int8_kernels"] == {"QGemm": 2}
+    assert result.report["fidelity"]["cosine"] > 0.999
+    assert result.report["fidelity"]["max_abs_error"] < 0.25  # outputs in [0, 6]: the output Q clips at 6
+    output_scale = graph.outputs[0].producer().inputs[1].const_value.numpy()
+    assert output_scale <= np.float32(6 / 255)
+
+
+def test_attention_mask_stays_float(tmp_path):
+    path = tmp_path / "attention.onnx"
+    onnx.save(masked_attention(), path)
+    data = {"x": np.random.default_rng(0).standard_normal((64, 8, 16)).astype(np.float32)}
+    result = static(path, data, data)
+    skipped = {s["what"]: s["why"] for s in result.report["passes"][1]["skipped"]}
+    assert "beyond max_range" in skipped["Add add_mask"] and "beyond max_range" in skipped["Softmax softmax"]
+    quant = result.report["quantization"]
+    assert quant["compute"] == {"quantized": 4, "fused": 4}
+    assert result.report["fidelity"]["cosine"] > 0.999
+
+
+def test_reused_statistics_skip_calibration(cnn_path, calib_path):
+    from onnxcomp.data import load_data
+    from onnxcomp.passes.quantize import QuantizeStaticConfig, quantize_static_model
+
+    model = load_model(cnn_path)
+    config = QuantizeStaticConfig(method="percentile")
+    data = load_data(calib_path, model)
+    first = quantize_static_model(model.clone(), data, config)
+    again = quantize_static_model(model.clone(), data.head(1), config.model_copy(update={"exclude_nodes": ("*Gemm",)}),
+                                  stats=first.stats)
+    assert set(again.ranges) <= set(first.ranges)
+    assert all(again.ranges[t] == first.ranges[t] for t in again.ranges)  # same statistics, not recalibrated
+
+
+def test_quantization_parameters():
+    p = activation_params(0.0, 6.0, "uint8")
+    assert p.zero_point == 0 and p.scale == np.float32(6 / 255)
+    p = activation_params(-1.0, 3.0, "int8")
+    assert p.quantize(np.array([0.0]))[0] == p.zero_point  # zero is exact
+    w = np.array([[1.0, -0.5], [0.25, 0.1]], np.float32)
+    params, q = weight_params(w, 0, reduce_range=False)
+    np.testing.assert_allclose(params.scale, [1 / 127, 0.25 / 127], rtol=1e-6)
+    assert q.dtype == np.int8 and q[0, 0] == 127 and q[1, 0] == 127
+    _, q7 = weight_params(w, 0, reduce_range=True)
+    assert np.abs(q7).max() == 63
+
+
+def test_old_opset_is_refused(tmp_path, mlp_path, calib_path):
+    model = onnx.load(mlp_path)
+    model.opset_import[0].version = 12
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    with pytest.raises(OnnxcompError, match="opset >= 13"):
+        static(path, calib_path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "onnxcomp.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_int8(tmp_path, cnn_path, calib_path, val_path):
+    out = tmp_path / "cnn_int8.onnx"
+    done = _cli("run", "int8", "-m", cnn_path, "--calib", calib_path, "--val", val_path, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size < cnn_path.stat().st_size / 2.5
+
+
+def test_cli_int8_without_calib_exits_2(tmp_path, cnn_path, val_path):
+    done = _cli("run", "int8", "-m", cnn_path, "--val", val_path, "-o", tmp_path / "x.onnx")
+    assert done.returncode == 2
+    assert "needs calibration data: pass --calib" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.onnx").exists()
