@@ -174,7 +174,8 @@ class QuantizeWeights(CompressionPass):
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
                 continue
             table = node.inputs[0]
-            if table is None or table.const_value is None or table.is_graph_input():
+            if table is None or table.const_value is None or table.is_graph_input() \
+                    or table.const_value.dtype not in _FLOAT_TYPES:
                 continue  # shape arithmetic and the like: not an embedding
             what = f"Gather {node.name}"
             array = table.const_value.numpy()
@@ -243,8 +244,6 @@ def _gemm_target(node: ir.Node, b: np.ndarray, what: str, stats: PassStats) -> _
 
 
 def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsConfig) -> str | None:
-    if table.dtype not in (np.float32, np.float16):
-        return f"table type {table.dtype} is not float32/float16"
     if table.ndim != 2:
         return f"table has rank {table.ndim}; only 2-D embedding tables are quantized"
     if node.attributes.get_int("axis", 0) not in (0, -2):
