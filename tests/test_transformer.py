@@ -176,9 +176,12 @@ def test_to_fp16_twice_finds_nothing_left(cnn_path):
 # ----------------------------------------------------------------------------- recipe
 
 
-def test_transformer_int8_recipe_loads():
-    from onnxcomp.recipe import load_recipe
-
+def test_transformer_int8_recipe_quantizes_every_matmul_of_tiny_bert(bert_path, bert_val):
     pytest.importorskip("onnxcomp.passes.quantize")
-    recipe = load_recipe("transformer-int8")
-    assert [step.name for step in recipe.steps][:2] == ["cleanup", "fuse_transformer"]
+    result = compress(bert_path, "transformer-int8", val=bert_val, latency_runs=0)
+    assert [p["name"] for p in result.report["passes"]] == ["cleanup", "fuse_transformer", "quantize_dynamic"]
+    ops = [n.op_type for n in result.model.graph]
+    assert "MultiHeadAttention" in ops and "SkipLayerNormalization" in ops
+    assert "MatMul" not in ops and ops.count("MatMulInteger") == 12  # Q, K, V, out, 2 FFN x 2 layers
+    assert result.gate_passed and result.report["quantization"]["fused_ratio"] == 1.0
+    assert result.report["fidelity"]["cosine"] >= 0.999

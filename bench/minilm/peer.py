@@ -37,8 +37,13 @@ VARIANTS = {
     "qdq_minmax_allops": "quantize_static QDQ MinMax, per-channel, U8S8, ORT's default op types",
     "qdq_minmax": "quantize_static QDQ MinMax, per-channel, U8S8, MatMul only",
     "qdq_minmax_nopre": "quantize_static QDQ MinMax, per-channel, U8S8, MatMul only, no pre-process",
+    "qdq_minmax_constb": "quantize_static QDQ MinMax, per-channel, U8S8, MatMul with constant B only "
+                         "(attention QK^T / PV stay float)",
+    "qdq_minmax_noout": "quantize_static QDQ MinMax, per-channel, U8S8, MatMul only, MatMul outputs "
+                        "left float (OpTypesToExcludeOutputQuantization)",
     "qdq_minmax_rr": "quantize_static QDQ MinMax, per-channel, U8S8, MatMul only, reduce_range",
-    "qdq_entropy": "quantize_static QDQ Entropy, per-channel, U8S8, MatMul only",
+    "qdq_entropy": "quantize_static QDQ Entropy, per-channel, U8S8, MatMul only (ORT defaults: 128 bins "
+                   "= 128 quantized bins, so the KL search has one candidate and equals MinMax)",
     "qdq_percentile": "quantize_static QDQ Percentile (99.999), per-channel, U8S8, MatMul only",
     "int4": "MatMulNBitsQuantizer 4-bit, block 32, symmetric (accuracy_level unset)",
     "int4_acc4": "MatMulNBitsQuantizer 4-bit, block 32, symmetric, accuracy_level=4 (int8 compute)",
@@ -111,7 +116,8 @@ def quantize(name, out, calib_samples):
                         op_types_to_quantize=None if name.endswith("allops") else ["MatMul"],
                         per_channel=True, reduce_range=name.endswith("_rr"),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method)
+                        calibrate_method=method, nodes_to_exclude=act_matmuls(src) if "constb" in name else None,
+                        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]} if "noout" in name else None)
     elif name.startswith("int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         q = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=True,
@@ -119,6 +125,15 @@ def quantize(name, out, calib_samples):
         q.process()
         q.model.save_model_to_file(str(out), False)
     tmp.unlink(missing_ok=True)
+
+
+def act_matmuls(path):
+    """Names of MatMuls whose B is not a weight (attention QK^T and PV). Excluded explicitly: the
+    QDQ quantizer ignores extra_options MatMulConstBOnly (tried: identical model)."""
+    import onnx
+    g = onnx.load(path, load_external_data=False).graph
+    weights = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] not in weights]
 
 
 # ---------------------------------------------------------------- evaluation (child process)
@@ -201,11 +216,18 @@ def table(rows):
     return "\n".join(out)
 
 
+def fmt_load(r):
+    return "-" if r.get("load") is None else f"{r['load']:.1f}"
+
+
 def cpu_info():
     txt = open("/proc/cpuinfo").read()
     name = next((l.split(":", 1)[1].strip() for l in txt.splitlines() if l.startswith("model name")), "?")
     isa = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f" {f}" in txt]
-    return f"{os.cpu_count()} cores, {name}, {'/'.join(isa)}"
+    fam = {k: next((l.split(":", 1)[1].strip() for l in txt.splitlines()
+                    if l.split(":")[0].strip() == k), "?") for k in ("cpu family", "model")}
+    return (f"{os.cpu_count()} cores, {name} (family {fam['cpu family']} model {fam['model']}), "
+            f"{'/'.join(isa)}, no VNNI" if not any("vnni" in f for f in isa) else "")
 
 
 def main():
@@ -225,6 +247,7 @@ def main():
     names = ["fp32"] + [n for n in names if n != "fp32"]
     import onnxruntime as ort
     t0, load0, rows = time.perf_counter(), os.getloadavg()[0], {}
+    cmd = " ".join(["python bench/minilm/peer.py", *sys.argv[1:]])
     res_dir = peer_dir() / "results"
     res_dir.mkdir(exist_ok=True)
     for n in names:
@@ -232,7 +255,8 @@ def main():
             rows[n] = json.loads((res_dir / f"{n}.json").read_text())
             print(f"reused {n}")
             continue
-        r = {"calib_samples": a.calib_samples, "when": time.strftime("%Y-%m-%d %H:%M")}
+        r = {"calib_samples": a.calib_samples, "when": time.strftime("%Y-%m-%d %H:%M"),
+             "cmd": cmd, "load": os.getloadavg()[0]}
         try:
             if n != "fp32":
                 _, r["qtime"], r["qrss"] = run_child(["--_quantize", n, "--calib-samples",
@@ -250,11 +274,12 @@ def main():
     tab = table(rows)
     print(tab)
     r0 = rows["fp32"]
-    cmd = " ".join(["python bench/minilm/peer.py", *sys.argv[1:]])
+    cmds = sorted({r["cmd"] for r in rows.values()}, key=len)
     md = ["# Peer baseline: onnxruntime.quantization on all-MiniLM-L6-v2\n",
-          f"Produced by `{cmd}` from the repo root (after export.py and textdata.py); "
-          f"{time.perf_counter() - t0:.0f} s total; 1-min load average {load0:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end (other jobs share the machine: see paired latency).\n",
+          f"Written by `{cmd}` from the repo root (after export.py and textdata.py); rows measured by "
+          + ", ".join(f"`{c}`" for c in cmds) + " (columns 'measured' and 'load': time and 1-min load "
+          "average when the row started; other sessions' jobs shared the 2 cores, hence the paired "
+          "latency; the fp32 row compares fp32 with itself, so its distance from 1.00 is the noise).\n",
           f"onnxruntime {ort.__version__}, CPUExecutionProvider, ORT_ENABLE_ALL, intra_op_num_threads={THREADS}; "
           f"{cpu_info()}.\n",
           f"- latency: median of {RUNS_BS1} (bs1) / {RUNS_BS32} (bs32) runs after {WARMUP} warm-up, each "
@@ -265,12 +290,11 @@ def main():
           "length-sorted batches of 32.",
           f"- static calibration: first {a.calib_samples} calib.npz passages, batches of 8, padded to "
           "their longest (109 tokens for 128 passages; ORT's histogram calibrators need equal shapes).",
-          "- rows were measured at (" + ", ".join(sorted({r["when"] for r in rows.values()})) + "); "
-          "rows reused with --reuse keep their own time.",
           "- quant s / RSS: the quantization subprocess, incl. quant_pre_process or the bert optimizer.",
           "- kernels: node counts in ORT's optimized graph (optimized_model_filepath); int8 = "
           + ", ".join(sorted(INT8_OPS)) + ", QLinear*; float = " + ", ".join(sorted(FLOAT_MM_OPS)) + ".\n",
-          "| variant | what |", "|---|---|", *[f"| {n} | {VARIANTS[n]} |" for n in rows], "", tab, "",
+          "| variant | what | measured | load |", "|---|---|---|---|",
+          *[f"| {n} | {VARIANTS[n]} | {r['when']} | {fmt_load(r)} |" for n, r in rows.items()], "", tab, "",
           "## Op histogram of ORT's optimized graph per variant\n"]
     md += [f"- **{n}**: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()) for n, r in rows.items()]
     (HERE / "peer_results.md").write_text("\n".join(md) + "\n")
