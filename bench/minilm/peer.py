@@ -226,8 +226,8 @@ def cpu_info():
     isa = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f" {f}" in txt]
     fam = {k: next((l.split(":", 1)[1].strip() for l in txt.splitlines()
                     if l.split(":")[0].strip() == k), "?") for k in ("cpu family", "model")}
-    return (f"{os.cpu_count()} cores, {name} (family {fam['cpu family']} model {fam['model']}), "
-            f"{'/'.join(isa)}, no VNNI" if not any("vnni" in f for f in isa) else "")
+    vnni = "VNNI" if any("vnni" in f for f in isa) else "no VNNI"
+    return f"{os.cpu_count()} cores, {name} (family {fam['cpu family']} model {fam['model']}), {'/'.join(isa)}, {vnni}"
 
 
 def main():
