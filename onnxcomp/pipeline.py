@@ -95,7 +95,8 @@ def compress(
     with open_session(original, what="original model"):
         pass  # a model onnxruntime cannot run is the user's input problem, not a pass bug
     working = original.clone()
-    context = PassContext(calib=calib_data, seed=seed, batch_size=batch_size, progress=progress)
+    context = PassContext(calib=calib_data, seed=seed, batch_size=batch_size, progress=progress,
+                          gate=recipe.gate)
     stats = run_passes(working, recipe, context, verify_each=verify_each)
     verify_model(working, "the compressed model")
 

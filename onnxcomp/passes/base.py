@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
+    from onnxcomp.recipe import Gate
 
 __all__ = ["PassConfig", "PassContext", "PassStats", "CompressionPass", "CompressionResult"]
 
@@ -29,12 +30,17 @@ class PassConfig(BaseModel):
 
 @dataclasses.dataclass
 class PassContext:
-    """What a run shares with its passes: data, the seed, and where it works."""
+    """What a run shares with its passes: data, the seed, the recipe's gate, and where it works.
+
+    ``gate`` lets a pass aim at the fidelity the run will be judged by (quantize_static's
+    sensitivity fallback); None when the pass runs outside a recipe.
+    """
 
     calib: Dataset | None = None
     seed: int = 0
     batch_size: int = 32
     progress: bool = False
+    gate: Gate | None = None
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator that depends only on the seed and ``salt`` (deterministic)."""
