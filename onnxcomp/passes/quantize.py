@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -26,6 +27,7 @@ from onnxcomp.calibrate import Histogram, MinMax
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.equalize import SMOOTH_QUANT_TAG, equalize_model, smooth_quant_model
 from onnxcomp.passes.qdq import (
     Names,
     QParams,
@@ -35,6 +37,13 @@ from onnxcomp.passes.qdq import (
     opset_version,
     saturating_u8s8,
     weight_params,
+)
+from onnxcomp.passes.qdq_accuracy import (
+    SensitivityReport,
+    bias_correct,
+    fidelity_target,
+    float_layers,
+    sensitivity_search,
 )
 from onnxcomp.passes.qdq_prepare import prepare_static
 from onnxcomp.passes.qdq_static import (
@@ -46,6 +55,9 @@ from onnxcomp.passes.qdq_static import (
     unquantizable,
 )
 from onnxcomp.registry import register
+
+if TYPE_CHECKING:
+    from onnxcomp.recipe import Gate
 
 __all__ = ["QuantizeStatic", "QuantizeStaticConfig", "QuantizeDynamic", "QuantizeDynamicConfig",
            "StaticResult", "quantize_static_model", "quantize_dynamic_model"]
@@ -79,6 +91,20 @@ class QuantizeStaticConfig(PassConfig):
     calib_samples: int = Field(512, ge=1, description="use at most this many calibration samples")
     histogram_bins: int = Field(2048, ge=128, multiple_of=2,
                                 description="histogram bins per tensor (percentile, entropy, mse)")
+    bias_correction: bool = Field(
+        False, description="after quantizing, shift each Conv/Gemm int32 bias by the mean output error the layer "
+                           "adds itself (weight rounding, its input's clipping), measured on the calibration data")
+    smooth_quant: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] | None = Field(
+        None, description="SmoothQuant alpha for MatMul/Gemm inputs with outlier channels before quantizing "
+                          "('auto': per input, by simulated int8 — use it for transformers); the nodes it "
+                          "inserts stay float")
+    equalize: bool = Field(False, description="cross-layer equalization of Conv/Gemm/MatMul -> Relu -> Conv/Gemm/MatMul "
+                                              "pairs before quantizing (data-free; helps per-tensor weights)")
+    sensitivity: bool = Field(
+        False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
+                           "on the calibration data, return the most harmful quantized nodes to float "
+                           "(leave-one-out ranking); the chosen set is reported")
+    sensitivity_samples: int = Field(128, ge=1, description="calibration samples the sensitivity search evaluates on")
 
 
 class QuantizeDynamicConfig(PassConfig):
@@ -99,19 +125,57 @@ class StaticResult:
     ranges: dict[str, tuple[float, float]]
     params: dict[str, QParams]
     rewrites: list[str]
+    tools: list[PassStats] = dataclasses.field(default_factory=list)  # equalize / smooth_quant before quantizing
+    bias: tuple[list[str], list[tuple[str, str]], dict[str, float]] | None = None  # bias_correct's result
+    sensitivity: SensitivityReport | None = None
 
 
 def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, *,
                           stats: dict[str, Histogram | MinMax] | None = None, batch_size: int = 32,
-                          progress=None) -> StaticResult:
+                          progress=None, keep_float: Mapping[str, str] | None = None,
+                          target: Gate | None = None) -> StaticResult:
     """Quantize ``model`` in place with static QDQ as ``config`` says.
 
     ``stats`` from an earlier result on the same float model are reused (only tensors they lack
-    are calibrated), so a search over ``exclude_nodes`` streams the data once.
+    are calibrated), so a search over ``exclude_nodes`` streams the data once. ``keep_float``:
+    node name -> why, kept float on top of the config's exclusions. ``target``: the gate the
+    sensitivity search aims at (needed when ``config.sensitivity``).
     """
     _check_opset(model, "quantize_static")
+    tools = []
+    if config.equalize:
+        tools.append(equalize_model(model, stats=PassStats("equalize")))
+    if config.smooth_quant is not None:
+        tools.append(smooth_quant_model(model, data, alpha=config.smooth_quant, batch_size=batch_size,
+                                        stats=PassStats("smooth_quant")))
+    _name_nodes(model)
+    keep = {n.name: "inserted by smooth_quant: stays float, its output is quantized"
+            for n in model.graph if SMOOTH_QUANT_TAG in n.metadata_props}
+    keep.update(keep_float or {})
+    stats = dict(stats or {})
+    report = None
+    if config.sensitivity:
+        goal = fidelity_target(target)
+
+        def trial(m: ir.Model, extra: Mapping[str, str], final: bool) -> list[str]:
+            cfg = config if final else config.model_copy(update={"bias_correction": False})
+            r = _quantize_once(m, data, cfg, stats, batch_size, progress, {**keep, **extra})
+            stats.update(r.stats)
+            return [n.name for n, role in r.plan.roles.items() if role != "shared"]
+
+        chosen, report = sensitivity_search(model.clone(), data.head(min(len(data), config.sensitivity_samples)),
+                                            goal, trial, batch_size=batch_size)
+        keep.update(chosen)
+    result = _quantize_once(model, data, config, stats, batch_size, progress, keep)
+    result.tools, result.sensitivity = tools, report
+    return result
+
+
+def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, stats: dict,
+                   batch_size: int, progress, keep_float: Mapping[str, str]) -> StaticResult:
     rewrites = prepare_static(model, config)
-    stats, kept_float = dict(stats or {}), {}
+    stats = dict(stats)
+    kept_float = {n: keep_float[n.name] for n in model.graph if n.name in keep_float}
     while True:  # nodes touching a tensor with an absurd range (a mask) go back to float, then re-plan
         plan = plan_static(model, config, kept_float)
         missing = StaticPlan(tensors=[t for t in plan.roots() if t not in stats and t not in plan.constants])
@@ -122,8 +186,21 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
         if not more:
             break
         kept_float.update(more)
+    layers = float_layers(plan) if config.bias_correction else None
     params = apply_static(model, plan, ranges, config)
-    return StaticResult(plan, stats, ranges, params, rewrites)
+    result = StaticResult(plan, stats, ranges, params, rewrites)
+    if layers:
+        result.bias = bias_correct(model, plan, layers, data, batch_size=batch_size)
+    return result
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Give unnamed nodes a unique name: exclusions, the sensitivity search and reports refer to
+    nodes by name."""
+    names = Names(model.graph)
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            node.name = names(f"{node.op_type}_{index}")
 
 
 @register
@@ -148,7 +225,8 @@ class QuantizeStatic(CompressionPass):
         cfg: QuantizeStaticConfig = self.config
         data = self.context.require_calib(self.name)
         data = data.head(cfg.calib_samples) if len(data) > cfg.calib_samples else data
-        result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size)
+        result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size,
+                                       target=self.context.gate)
         _report_static(model, result, cfg, stats)
         stats.metrics["calib_samples"] = len(data)
 
@@ -250,6 +328,10 @@ def _dynamic_matmul(graph: ir.Graph, names: Names, node: ir.Node, config: Quanti
 
 def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticConfig, stats: PassStats) -> None:
     plan = result.plan
+    for tool in result.tools:
+        stats.notes.append(f"{tool.name}: " + ("; ".join(tool.touched) or "; ".join(tool.notes) or "nothing changed"))
+        stats.skipped.extend((what, f"{tool.name}: {why}") for what, why in tool.skipped)
+        stats.metrics[tool.name] = tool.metrics
     stats.notes.extend(result.rewrites)
     for what, why in plan.skipped:
         stats.skip(what, why)
@@ -268,6 +350,18 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
     if cfg.activation_type == "int8" and shared_q and is_x86():
         stats.notes.append(f"int8 activations: {shared_q} QuantizeLinear nodes have several consumers; ORT on "
                            "x86 fuses their nodes only with session option session.qdqisint8allowed=1")
+    if result.bias is not None:
+        touched, skipped, sizes = result.bias
+        stats.notes.append(f"bias correction: {len(touched)} layers corrected")
+        stats.skipped.extend((what, f"bias correction: {why}") for what, why in skipped)
+        stats.metrics["bias_correction"] = {name: round(v, 6) for name, v in sizes.items()}
+    if result.sensitivity is not None:
+        rep = result.sensitivity
+        kept = ", ".join(rep.kept_float) or "none"
+        stats.notes.append(f"sensitivity: {len(rep.kept_float)} nodes kept float to meet {rep.target} on "
+                           f"{rep.samples} calibration samples ({'met' if rep.met else 'NOT met'}; "
+                           f"{rep.trials} trials, {rep.seconds:.1f} s): {kept}")
+        stats.metrics["sensitivity"] = rep.to_dict()
     kinds = Counter(node.op_type for node in plan.roles)
     stats.metrics.update(quantized_ops=dict(sorted(kinds.items())), method=cfg.method,
                          activation_tensors=len(plan.tensors))

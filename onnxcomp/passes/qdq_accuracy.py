@@ -1,0 +1,346 @@
+"""Accuracy tools of ``quantize_static`` that look at the quantized graph: bias correction and
+the sensitivity fallback (mixed precision).
+
+- :func:`bias_correct` — after the QDQ rewrite, one streaming pass of the calibration data
+  through the quantized graph gives, for each Conv/MatMul/Gemm, the mean of its dequantized
+  input x̂ and of the float tensor x that was quantized into it (with the folded Relu/Clip
+  applied). The expected output error this layer adds itself, Ŵ·E[x̂] + b̂ − (W·E[x] + b)
+  (weight rounding, its own input's clipping and rounding), is subtracted from its int32
+  bias (Banner et al. 2019; Nagel et al. 2019, "empirical" form per layer). Errors coming
+  from earlier layers are theirs to correct, so all layers are corrected from one pass.
+- :func:`sensitivity_search` — quantizes, measures the recipe's gate on calibration data
+  and, while it fails, returns layers to float: each quantized node's harm is measured by
+  quantizing everything but that node (leave-one-out), then the smallest most-harmful-first
+  prefix meeting the gate is found by doubling and bisection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.calibrate import collect
+from onnxcomp.data import Dataset
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes.qdq import Names, QParams, add_initializer, constant_array
+
+if TYPE_CHECKING:
+    from onnxcomp.passes.qdq_static import StaticPlan
+    from onnxcomp.recipe import Gate
+
+__all__ = ["ChannelMean", "float_layers", "bias_correct", "sensitivity_search", "fidelity_target",
+           "SensitivityReport"]
+
+_FIDELITY_KEYS = ("max_accuracy_drop", "min_top1_agreement", "min_cosine", "max_mean_abs_error",
+                  "max_abs_error", "max_kl")
+
+
+class ChannelMean:
+    """Running mean per channel along ``axis`` (all other axes averaged), of ``transform(array)``."""
+
+    def __init__(self, axis: int, transform: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.axis = axis
+        self.transform = transform
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, array: np.ndarray) -> None:
+        a = np.asarray(array, np.float64)
+        if self.transform is not None:
+            a = self.transform(a)
+        a = np.moveaxis(a, self.axis, -1).reshape(-1, a.shape[self.axis])
+        s = a.sum(axis=0)
+        self.total = s if self.total is None else self.total + s
+        self.count += len(a)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+
+# --- bias correction ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Layer:
+    node: ir.Node
+    weight: np.ndarray  # float weight, as in the float graph
+    bias: np.ndarray | None
+
+
+def float_layers(plan: StaticPlan) -> list[_Layer]:
+    """The float weights and biases of the plan's Conv/MatMul/Gemm, read before the rewrite."""
+    layers = []
+    for node, role in plan.roles.items():
+        weight = constant_array(node.inputs[1]) if role == "compute" else None
+        if weight is None:
+            continue
+        bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        layers.append(_Layer(node, weight, bias))
+    return layers
+
+
+def bias_correct(model: ir.Model, plan: StaticPlan, layers: list[_Layer], data: Dataset, *,
+                 batch_size: int = 32) -> tuple[list[str], list[tuple[str, str]], dict[str, float]]:
+    """Correct the int32 biases of the quantized ``layers`` in place (see the module docstring).
+
+    Returns (touched, skipped with why, per-layer relative size of the correction: max |shift|
+    over max |bias or output scale|).
+    """
+    graph = model.graph
+    names = Names(graph)
+    todo, skipped = [], []
+    for layer in layers:
+        why = _correctable(layer)
+        if why:
+            skipped.append((_label(layer.node), why))
+        else:
+            todo.append(layer)
+    reducers: dict[str, list] = {}
+    wanted: dict[ir.Node, tuple[str, str]] = {}
+    for layer in todo:
+        dq = layer.node.inputs[0].producer()
+        q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+        axis = 1 if layer.node.op_type == "Conv" else -1
+        x_hat, x = layer.node.inputs[0].name, q.inputs[0].name if q is not None else None
+        if q is None or q.op_type != "QuantizeLinear":
+            skipped.append((_label(layer.node), "its input is not quantized by a QuantizeLinear in this graph"))
+            continue
+        low, high = plan.bounds.get(x, (None, None))
+        transform = None if low is None and high is None else (lambda a, lo=low, hi=high: np.clip(a, lo, hi))
+        reducers.setdefault(x_hat, [ChannelMean(axis)])
+        reducers.setdefault(f"{x}", [ChannelMean(axis, transform)])
+        wanted[layer.node] = (x_hat, x)
+    collect(model, data, reducers, batch_size=batch_size)
+    touched, sizes = [], {}
+    for layer in todo:
+        if layer.node not in wanted:
+            continue
+        x_hat, x = wanted[layer.node]
+        m_hat, m = reducers[x_hat][0].mean, reducers[x][0].mean
+        w_hat, b_hat, bias_params = _quantized_weight_bias(layer.node)
+        target = _expected(layer.node, layer.weight, m) + (0.0 if layer.bias is None else layer.bias)
+        current = _expected(layer.node, w_hat, m_hat) + (0.0 if b_hat is None else b_hat)
+        shift = current - target
+        new_bias = (0.0 if b_hat is None else b_hat) - shift
+        _set_bias(graph, names, layer.node, new_bias, bias_params)
+        ref = max(float(np.abs(target).max()), 1e-12)
+        sizes[layer.node.name] = float(np.abs(shift).max()) / ref
+        touched.append(f"{_label(layer.node)}: bias corrected (max shift {np.abs(shift).max():.3g})")
+    return touched, skipped, sizes
+
+
+def _correctable(layer: _Layer) -> str | None:
+    node = layer.node
+    if node.op_type == "MatMul":
+        return "MatMul has no bias input to carry the correction (QLinearMatMul has none)"
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1"
+    dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return "its input is not dequantized"
+    wdq = node.inputs[1].producer()
+    if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.inputs[0].const_value is None:
+        return "its weight is not a dequantized constant"
+    return None
+
+
+def _dequantize(dq: ir.Node) -> np.ndarray:
+    q = dq.inputs[0].const_value.numpy().astype(np.float64)
+    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+    zero = dq.inputs[2].const_value.numpy().astype(np.float64) if len(dq.inputs) > 2 and dq.inputs[2] else 0.0
+    axis = dq.attributes.get_int("axis", 1)
+    if np.ndim(scale) == 1 and q.ndim > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
+    return (q - zero) * scale
+
+
+def _quantized_weight_bias(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, QParams]:
+    """The dequantized weight and bias of a quantized compute node, and the bias parameters
+    (scale = input scale × weight scale) to store a new bias with."""
+    w_dq = node.inputs[1].producer()
+    w_hat = _dequantize(w_dq)
+    x_scale = node.inputs[0].producer().inputs[1].const_value.numpy().astype(np.float64)
+    w_scale = w_dq.inputs[1].const_value.numpy().astype(np.float64)
+    scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
+    params = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    b_hat = _dequantize(bias.producer()) if bias is not None and bias.producer() is not None else None
+    return w_hat, b_hat, params
+
+
+def _expected(node: ir.Node, weight: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """E[layer output] per output channel for an input with per-channel mean ``mean`` (no bias).
+
+    Conv: each output channel sums its filter taps times the input channel means (exact away
+    from zero-padded borders)."""
+    w = np.asarray(weight, np.float64)
+    if node.op_type == "Conv":
+        group = node.attributes.get_int("group", 1)
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [Cout, Cin/group]
+        per_group = w.shape[0] // group
+        means = mean.reshape(group, -1)  # [group, Cin/group]
+        return np.einsum("gok,gk->go", taps.reshape(group, per_group, -1), means).reshape(-1)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return w @ mean
+    return mean @ w
+
+
+def _set_bias(graph: ir.Graph, names: Names, node: ir.Node, bias: np.ndarray, params: QParams) -> None:
+    """Store ``bias`` as the node's int32 bias (a new initializer; a new DequantizeLinear when it had none)."""
+    q = params.quantize(np.asarray(bias, np.float64).reshape(-1))
+    base = node.name or node.outputs[0].name
+    current = node.inputs[2] if len(node.inputs) > 2 else None
+    if current is not None and current.producer() is not None:
+        dq = current.producer()
+        dq.replace_input_with(0, add_initializer(graph, names, f"{base}_bias_corrected_quantized", q))
+        return
+    scale = add_initializer(graph, names, f"{base}_bias_scale", params.scale)
+    out = ir.Value(name=names(f"{base}_bias_dequantized"), type=ir.TensorType(ir.DataType.FLOAT),
+                   shape=ir.Shape([len(q)]))
+    dq = ir.node("DequantizeLinear", [add_initializer(graph, names, f"{base}_bias_quantized", q), scale],
+                 {} if params.axis is None else {"axis": params.axis}, outputs=[out],
+                 name=names(f"{base}_bias_DequantizeLinear"))
+    graph.insert_before(node, dq)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, out)
+
+
+def _label(node: ir.Node) -> str:
+    return f"{node.op_type} {node.name}" if node.name else node.op_type
+
+
+# --- sensitivity fallback -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SensitivityReport:
+    """What :func:`sensitivity_search` measured and chose."""
+
+    target: dict[str, float]
+    samples: int
+    kept_float: list[str]
+    harm: list[tuple[str, float]]  # node -> loss removed by keeping it float alone, most harmful first
+    fidelity_all: dict[str, Any]
+    fidelity_chosen: dict[str, Any]
+    met: bool
+    trials: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("cosine", "top1_agreement", "kl", "mean_abs_error", "max_abs_error", "accuracy_drop")
+        return {"target": self.target, "samples": self.samples, "met": self.met, "kept_float": self.kept_float,
+                "harm": [{"node": n, "loss_removed": round(h, 6)} for n, h in self.harm],
+                "fidelity_all_quantized": {k: self.fidelity_all.get(k) for k in keys},
+                "fidelity_chosen": {k: self.fidelity_chosen.get(k) for k in keys},
+                "trials": self.trials, "seconds": round(self.seconds, 2)}
+
+
+def fidelity_target(gate: Gate | None) -> Gate:
+    """The fidelity part of ``gate`` (size and fusion thresholds dropped); an error without one."""
+    from onnxcomp.recipe import Gate
+
+    wanted = {k: getattr(gate, k) for k in _FIDELITY_KEYS if gate is not None and getattr(gate, k) is not None}
+    if not wanted:
+        raise OnnxcompError("quantize_static.sensitivity: needs a fidelity threshold in the recipe's gate "
+                            "(min_cosine, max_accuracy_drop, min_top1_agreement, max_kl, max_mean_abs_error "
+                            "or max_abs_error) to aim at")
+    extra = {k: getattr(gate, k) for k in ("output", "mask_input") if getattr(gate, k, None) is not None}
+    return Gate(**wanted, **extra)
+
+
+def sensitivity_search(base: ir.Model, data: Dataset, target: Gate,
+                       quantize: Callable[[ir.Model, Mapping[str, str], bool], list[str]], *,
+                       batch_size: int = 32) -> tuple[Mapping[str, str], SensitivityReport]:
+    """Which nodes of the float model ``base`` to keep float so that its quantized copy meets
+    ``target`` on ``data``.
+
+    ``quantize(model, keep_float, final)`` quantizes ``model`` in place keeping the named nodes
+    float and returns the names of the nodes it quantized; ``final`` False allows a cheaper
+    rewrite (no bias correction) for the leave-one-out ranking. ``base`` is not changed.
+    """
+    from onnxcomp.validate import check_gate
+
+    start = time.perf_counter()
+    trials = 0
+
+    def evaluate(keep: Mapping[str, str], final: bool = True) -> tuple[dict[str, Any], list[str]]:
+        nonlocal trials
+        trials += 1
+        model = base.clone()
+        quantized = quantize(model, keep, final)
+        return _fidelity(base, model, data, target, batch_size), quantized
+
+    fid_all, units = evaluate({})
+    failures, unchecked = check_gate(target, fid_all, {})
+    if unchecked:
+        raise OnnxcompError(f"quantize_static.sensitivity: cannot measure the gate on the calibration data "
+                            f"({unchecked[0]}): give the calibration .npz a 'label' array or use min_cosine")
+    report = SensitivityReport(target.model_dump(exclude_none=True), len(data), [], [], fid_all, fid_all,
+                               not failures, trials, 0.0)
+    if not failures:
+        report.seconds = time.perf_counter() - start
+        return {}, report
+    loss_all = _loss(fid_all, target)
+    harm = []
+    for unit in units:  # leave-one-out: how much of the loss this node alone causes
+        fid, _ = evaluate({unit: "sensitivity"}, final=False)
+        harm.append((unit, loss_all - _loss(fid, target)))
+    order = [n for n, _ in sorted(harm, key=lambda item: -item[1])]
+
+    def keep_of(k: int) -> dict[str, str]:
+        return {n: f"sensitivity: kept float (harm rank {i + 1} of {len(order)})" for i, n in enumerate(order[:k])}
+
+    results: dict[int, dict[str, Any]] = {}
+
+    def holds(k: int) -> bool:
+        if k not in results:
+            results[k] = evaluate(keep_of(k))[0]
+        return not check_gate(target, results[k], {})[0]
+
+    low, high = 0, 1  # low fails; find the smallest high that holds
+    while high < len(order) and not holds(high):
+        low, high = high, min(2 * high, len(order))
+    if high >= len(order) and not holds(len(order)):
+        high = len(order)  # even all float fails (the gate cannot be met by quantize_static): keep all float
+    while high - low > 1:
+        mid = (low + high) // 2
+        if holds(mid):
+            high = mid
+        else:
+            low = mid
+    chosen = results.get(high) or evaluate(keep_of(high))[0]
+    report.kept_float = order[:high]
+    report.harm = sorted(harm, key=lambda item: -item[1])
+    report.fidelity_chosen = chosen
+    report.met = not check_gate(target, chosen, {})[0]
+    report.trials = trials
+    report.seconds = time.perf_counter() - start
+    return keep_of(high), report
+
+
+def _fidelity(base: ir.Model, model: ir.Model, data: Dataset, target: Gate, batch_size: int) -> dict[str, Any]:
+    from onnxcomp.validate import compare
+
+    options = {k: getattr(target, k) for k in ("output", "mask_input") if getattr(target, k, None) is not None}
+    return compare(base, model, data, batch_size=batch_size, **options)
+
+
+def _loss(fid: dict[str, Any], target: Gate) -> float:
+    """One smooth number to rank nodes by, for the gate's kind of target (lower is better):
+    1 − cosine for a cosine target, else KL of the class probabilities when the output has
+    classes (accuracy itself is too coarse to rank by), else the mean absolute error."""
+    if target.min_cosine is not None:
+        return 1.0 - fid["cosine"]
+    if fid.get("kl") is not None:
+        return fid["kl"]
+    if target.max_mean_abs_error is not None or target.max_abs_error is not None:
+        return fid["mean_abs_error"]
+    return 1.0 - fid["cosine"]

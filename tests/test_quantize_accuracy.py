@@ -1,0 +1,128 @@
+"""quantize_static's accuracy tools: bias correction, smooth_quant / equalize options and the
+sensitivity fallback (mixed precision), on the digits models and on graphs built to need them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx.helper as h
+import pytest
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.pipeline import compress
+from tests.test_equalize import block_data, build, layernorm_block, tensor
+
+
+def static(model, calib, val=None, gate=None, **options):
+    recipe = {"passes": ["cleanup", {"quantize_static": options}], "gate": gate or {}}
+    return compress(model, recipe, calib=calib, val=val, latency_runs=0)
+
+
+def biased_gemm() -> tuple:
+    """x ≥ 0 (mean 0.5) @ W where column 0 holds one large weight and many small positive ones
+    below half a per-tensor int8 step: they all round to 0, so output 0 loses ~Σw·E[x] on average."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (64, 8))
+    w[0, :] = 4.0  # sets the per-tensor scale: step 4/127 ≈ 0.031
+    w[1:, 0] = 0.012  # < half a step: rounds to 0
+    nodes = [h.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")]
+    model = build(nodes, [tensor("x", "N", 64)], [tensor("y", "N", 8)], {"w": w, "b": np.zeros(8)})
+    data = lambda seed: {"x": np.random.default_rng(seed).uniform(0, 1, (256, 64)).astype(np.float32)}  # noqa: E731
+    return model, data(1), data(2)
+
+
+def mean_output_error(result, model, feeds) -> np.ndarray:
+    from tests.test_equalize import run
+
+    return (run(result.model, feeds)[0] - run(model, feeds)[0]).mean(axis=0)
+
+
+def test_bias_correction_removes_the_mean_error_of_a_layer_built_to_need_it():
+    model, calib, val = biased_gemm()
+    plain = static(model, calib, val, per_channel=False, reduce_range=False)
+    corrected = static(model, calib, val, per_channel=False, reduce_range=False, bias_correction=True)
+    before, after = mean_output_error(plain, model, val), mean_output_error(corrected, model, val)
+    assert abs(before[0]) > 0.3  # 63 × 0.012 × 0.5 ≈ 0.38 lost on average
+    assert abs(after[0]) < abs(before[0]) / 10
+    assert np.abs(after).max() < 0.05
+    assert corrected.report["quantization"]["fused_ratio"] == 1.0
+    assert corrected.report["fidelity"]["mean_abs_error"] < plain.report["fidelity"]["mean_abs_error"] / 2
+    assert "fc" in corrected.report["passes"][1]["metrics"]["bias_correction"]
+
+
+@pytest.mark.parametrize("name,per_channel", [("cnn", False), ("cnn", True), ("mlp", True)])
+def test_bias_correction_lowers_error_on_digits(name, per_channel, cnn_path, mlp_path, calib_path, val_path):
+    path = cnn_path if name == "cnn" else mlp_path
+    plain = static(path, calib_path, val_path, per_channel=per_channel, method="percentile")
+    corrected = static(path, calib_path, val_path, per_channel=per_channel, method="percentile",
+                       bias_correction=True)
+    mae = [r.report["fidelity"]["mean_abs_error"] for r in (plain, corrected)]
+    assert mae[1] < 0.85 * mae[0], mae  # measured: cnn 0.060 -> 0.037 per tensor, mlp 0.035 -> 0.027
+    assert corrected.report["fidelity"]["accuracy_drop"] <= plain.report["fidelity"]["accuracy_drop"]
+    assert corrected.report["quantization"]["fused_ratio"] == 1.0
+
+
+def test_bias_correction_skips_matmul_without_bias_with_reason():
+    model = layernorm_block()
+    result = static(model, block_data(seed=3), block_data(), bias_correction=True)
+    skipped = result.report["passes"][1]["skipped"]
+    assert {s["what"] for s in skipped if s["why"].startswith("bias correction: MatMul has no bias")} == \
+        {"MatMul q", "MatMul k", "MatMul v"}
+
+
+def test_smooth_quant_option_inside_quantize_static():
+    model, calib, val = layernorm_block(), block_data(seed=3), block_data()
+    plain = static(model, calib, val, reduce_range=False)
+    smoothed = static(model, calib, val, reduce_range=False, smooth_quant=0.5)
+    error = [r.report["fidelity"]["mean_abs_error"] for r in (plain, smoothed)]
+    assert error[1] * 2 <= error[0], error
+    stats = smoothed.report["passes"][1]
+    assert stats["metrics"]["smooth_quant"]["smoothed"]
+    assert any(n.startswith("smooth_quant: ") for n in stats["notes"])
+    assert smoothed.report["quantization"]["fused_ratio"] == 1.0
+
+
+def test_equalize_option_inside_quantize_static(cnn_path, calib_path, val_path):
+    result = static(cnn_path, calib_path, val_path, per_channel=False, equalize=True)
+    stats = result.report["passes"][1]
+    assert [p["first"] for p in stats["metrics"]["equalize"]["pairs"]] == ["/features/features.0/Conv",
+                                                                           "/head/head.0/Gemm"]
+    assert result.report["fidelity"]["accuracy_drop"] <= 0.01
+    assert result.report["quantization"]["fused_ratio"] == 1.0
+
+
+def test_sensitivity_keeps_the_most_harmful_layers_float_until_the_gate_holds(cnn_path, calib_path, val_path):
+    plain = static(cnn_path, calib_path, val_path, per_channel=False)
+    target = 0.99995  # between all-quantized (0.99991) and float
+    assert plain.report["fidelity"]["cosine"] < target
+    result = static(cnn_path, calib_path, val_path, gate={"min_cosine": target}, per_channel=False,
+                    sensitivity=True)
+    report = result.report["passes"][1]["metrics"]["sensitivity"]
+    assert report["met"] and report["fidelity_chosen"]["cosine"] >= target
+    assert report["fidelity_all_quantized"]["cosine"] < target
+    assert 1 <= len(report["kept_float"]) < 4
+    harm = [item["loss_removed"] for item in report["harm"]]
+    assert harm == sorted(harm, reverse=True) and len(harm) == 4
+    assert report["kept_float"] == [item["node"] for item in report["harm"][:len(report["kept_float"])]]
+    kept = set(report["kept_float"])
+    float_ops = {n.name for n in result.model.graph if n.op_type in ("Conv", "Gemm")
+                 and n.inputs[1].producer() is None}
+    assert float_ops == kept
+    assert result.report["gate"]["passed"] and result.report["quantization"]["fused_ratio"] == 1.0
+
+
+def test_sensitivity_stops_at_once_when_everything_quantized_meets_the_gate(mlp_path, calib_path):
+    result = static(mlp_path, calib_path, gate={"min_cosine": 0.999}, sensitivity=True)
+    report = result.report["passes"][1]["metrics"]["sensitivity"]
+    assert report["met"] and report["kept_float"] == [] and report["trials"] == 1
+
+
+def test_sensitivity_needs_a_fidelity_target(mlp_path, calib_path):
+    with pytest.raises(OnnxcompError, match="needs a fidelity threshold"):
+        static(mlp_path, calib_path, gate={"min_fused_ratio": 1.0}, sensitivity=True)
+
+
+def test_sensitivity_accuracy_target_needs_labels(mlp_path, calib_path):
+    calib = dict(np.load(calib_path))
+    calib.pop("label")
+    with pytest.raises(OnnxcompError, match="label"):
+        static(mlp_path, calib, gate={"max_accuracy_drop": 0.0}, sensitivity=True)
