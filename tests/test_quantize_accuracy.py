@@ -30,6 +30,18 @@ def biased_gemm() -> tuple:
     return model, data(1), data(2)
 
 
+def biased_matmul_add() -> tuple:
+    """The same weights as :func:`biased_gemm` in a MatMul on a 3-D input + Add bias (a
+    transformer's dense layer): the correction goes into the float Add's constant."""
+    model, _, _ = biased_gemm()
+    w = next(n for n in model.graph if n.name == "fc").inputs[1].const_value.numpy()
+    nodes = [h.make_node("MatMul", ["x", "w"], ["mm"], name="dense"),
+             h.make_node("Add", ["mm", "b"], ["y"], name="bias_add")]
+    model = build(nodes, [tensor("x", "N", 4, 64)], [tensor("y", "N", 4, 8)], {"w": w, "b": np.full(8, 0.1)})
+    data = lambda seed: {"x": np.random.default_rng(seed).uniform(0, 1, (64, 4, 64)).astype(np.float32)}  # noqa: E731
+    return model, data(1), data(2)
+
+
 def mean_output_error(result, model, feeds) -> np.ndarray:
     from tests.test_equalize import run
 
@@ -49,6 +61,18 @@ def test_bias_correction_removes_the_mean_error_of_a_layer_built_to_need_it():
     assert "fc" in corrected.report["passes"][1]["metrics"]["bias_correction"]
 
 
+def test_bias_correction_goes_into_the_bias_add_after_a_matmul():
+    model, calib, val = biased_matmul_add()
+    plain = static(model, calib, val, per_channel=False, reduce_range=False)
+    corrected = static(model, calib, val, per_channel=False, reduce_range=False, bias_correction=True)
+    before = mean_output_error(plain, model, val).reshape(-1, 8).mean(axis=0)
+    after = mean_output_error(corrected, model, val).reshape(-1, 8).mean(axis=0)
+    assert abs(before[0]) > 0.3 and abs(after[0]) < abs(before[0]) / 10
+    ops = {n.op_type for n in corrected.model.graph}
+    assert "Add" in ops and corrected.report["quantization"]["fused_ratio"] == 1.0
+    assert "dense" in corrected.report["passes"][1]["metrics"]["bias_correction"]
+
+
 @pytest.mark.parametrize("name,per_channel", [("cnn", False), ("cnn", True), ("mlp", True)])
 def test_bias_correction_lowers_error_on_digits(name, per_channel, cnn_path, mlp_path, calib_path, val_path):
     path = cnn_path if name == "cnn" else mlp_path
@@ -65,7 +89,7 @@ def test_bias_correction_skips_matmul_without_bias_with_reason():
     model = layernorm_block()
     result = static(model, block_data(seed=3), block_data(), bias_correction=True)
     skipped = result.report["passes"][1]["skipped"]
-    assert {s["what"] for s in skipped if s["why"].startswith("bias correction: MatMul has no bias")} == \
+    assert {s["what"] for s in skipped if s["why"].startswith("bias correction: MatMul without a bias Add")} == \
         {"MatMul q", "MatMul k", "MatMul v"}
 
 

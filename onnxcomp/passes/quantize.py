@@ -190,7 +190,7 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
     params = apply_static(model, plan, ranges, config)
     result = StaticResult(plan, stats, ranges, params, rewrites)
     if layers:
-        result.bias = bias_correct(model, plan, layers, data, batch_size=batch_size)
+        result.bias = bias_correct(model, layers, data, batch_size=batch_size)
     return result
 
 
