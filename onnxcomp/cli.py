@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("compressed")
     validate.add_argument("--val", required=True, help="validation data (.npz)")
     validate.add_argument("--report", help="write the JSON report here")
+    validate.add_argument("--output", metavar="NAME", help="output the headline metrics use (default: the first)")
+    validate.add_argument("--mask-input", metavar="NAME|auto",
+                          help="input whose 0 entries (padding) are left out of the metrics; "
+                               "auto: the integer rank-2 input named *mask*")
     validate.set_defaults(func=_cmd_validate)
 
     passes = sub.add_parser("passes", help="list every pass with its options")
@@ -136,16 +140,17 @@ def _cmd_validate(args) -> int:
     from onnxcomp.data import load_data
     from onnxcomp.model import load_model
     from onnxcomp.report import measure_latency, model_summary, print_summary, write_json
-    from onnxcomp.validate import compare
+    from onnxcomp.validate import compare, select_target
 
     original, compressed = load_model(args.original), load_model(args.compressed)
+    select_target(original, args.output, args.mask_input, fields=("--output", "--mask-input"))
     data = load_data(args.val, original)
     shapes = {k: v.shape for k, v in data.inputs.items()}
     report = {
         "passes": [],
         "original": model_summary(original, args.original, shapes),
         "compressed": model_summary(compressed, args.compressed, shapes),
-        "fidelity": compare(original, compressed, data),
+        "fidelity": compare(original, compressed, data, output=args.output, mask_input=args.mask_input),
     }
     report["original"]["latency"] = measure_latency(original, data)
     report["compressed"]["latency"] = measure_latency(compressed, data)

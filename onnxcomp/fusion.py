@@ -1,10 +1,11 @@
 """The fusion contract: which quantized nodes onnxruntime really runs as int8 kernels.
 
 :func:`fusion_report` finds the quantized nodes of a model (DequantizeLinear -> op -> QuantizeLinear
-groups, DynamicQuantizeLinear -> MatMulInteger chains, MatMulNBits), lets onnxruntime optimize it
-for the CPU (:func:`onnxcomp.runtime.optimized_graph`), and decides for each node whether it became
-an int8 kernel (QLinearConv, QGemm, DynamicQuantizeMatMul, …, or a data-movement op now moving
-int8 data) or still runs as a float op between DequantizeLinear and QuantizeLinear.
+groups, DynamicQuantizeLinear -> MatMulInteger chains, MatMulNBits, GatherBlockQuantized), lets
+onnxruntime optimize it for the CPU (:func:`onnxcomp.runtime.optimized_graph`), and decides for
+each node whether it became an int8 kernel (QLinearConv, QGemm, DynamicQuantizeMatMul, …, or a
+data-movement op now moving int8 data) or still runs as a float op between DequantizeLinear and
+QuantizeLinear.
 
 ORT renames nodes when it fuses (``/conv_token_1``), so nodes are matched through the tensors
 they touch: their int8 weights, their DequantizeLinear inputs, their (quantized) outputs.
@@ -28,11 +29,13 @@ INT8_KERNELS = frozenset({
     "ConvInteger", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QLinearWhere",
     "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "NhwcMaxPool",
+    "GatherBlockQuantized",
 })
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulInteger", "ConvInteger", "MatMulNBits"})
 # non-compute ops ORT can run on int8 (QLinear* kernels, int8 data movement, Relu/Clip folded into Q)
 _INT8_CAPABLE = frozenset({*QLINEAR_OPS, *SHARED_SCALE_OPS, "Relu", "Clip"})
-_INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "MatMulNBits"})  # already integer before ORT runs
+# already integer before ORT runs (GatherBlockQuantized: an int8/int4 embedding lookup, not a compute op)
+_INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "MatMulNBits", "GatherBlockQuantized"})
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # float forms ORT may give an op it did not quantize (graph fusions, NCHWc layout)
 _FLOAT_FORMS = {"Conv": {"FusedConv", "ReorderInput"}, "Gemm": {"FusedGemm"},
@@ -94,8 +97,9 @@ def quantized_nodes(model: ir.Model) -> list[_Quantized]:
     Quantized = reads a DequantizeLinear (or DynamicQuantizeLinear) output and either is a
     compute op with a dequantized weight or a quantized output, or is an op with an int8 path
     in ORT that writes only QuantizeLinear nodes; MatMulInteger / ConvInteger / MatMulNBits
-    count as quantized compute nodes. Other ops between DQ and Q (LayerNormalization …) are
-    boundaries, counted in ``float_ops_reading_dequantized``.
+    count as quantized compute nodes, GatherBlockQuantized as a quantized non-compute node. Other
+    ops between DQ and Q (LayerNormalization …) are boundaries, counted in
+    ``float_ops_reading_dequantized``.
     """
     found = []
     for node in model.graph:

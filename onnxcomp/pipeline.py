@@ -25,7 +25,7 @@ from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
 from onnxcomp.runtime import open_session
-from onnxcomp.validate import check_gate, compare
+from onnxcomp.validate import check_gate, compare, select_target
 
 __all__ = ["compress", "run_passes", "verify_model", "Result"]
 
@@ -85,6 +85,8 @@ def compress(
     else:
         input_path = Path(model)
         original = load_model(input_path)
+    select_target(original, recipe.gate.output, recipe.gate.mask_input,  # a bad name fails before any work
+                  fields=(f"{recipe.source}: gate.output", f"{recipe.source}: gate.mask_input"))
     seed = recipe.seed if seed is None else seed
     calib_data = load_data(calib, original) if calib is not None else None
     val_data = load_data(val, original) if val is not None else None
@@ -111,7 +113,8 @@ def compress(
         "compressed": model_summary(working, None, shapes),
     }
     fidelity = compare(original, working, eval_data, batch_size=batch_size,
-                       progress=_progress_bar("validating") if progress else None)
+                       progress=_progress_bar("validating") if progress else None,
+                       output=recipe.gate.output, mask_input=recipe.gate.mask_input)
     fidelity["synthetic_inputs"] = val_data is None
     report["fidelity"] = fidelity
     if latency_runs:
@@ -124,8 +127,8 @@ def compress(
         extra["fused_ratio"] = quant.get("fused_ratio")
     failures, unchecked = check_gate(recipe.gate, fidelity, extra)
     report["gate"] = {
-        "checked": bool(recipe.gate.model_dump(exclude_none=True)),
-        "thresholds": recipe.gate.model_dump(exclude_none=True),
+        "checked": bool(recipe.gate.thresholds()),
+        "thresholds": recipe.gate.thresholds(),
         "passed": not failures,
         "failures": failures,
         "unchecked": unchecked,
@@ -168,7 +171,7 @@ def verify_model(model: ir.Model, what: str) -> None:
 def _fusion_report(model: ir.Model) -> dict[str, Any] | None:
     """Which quantized nodes onnxruntime turns into int8 kernels (None: nothing quantized)."""
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits",
-                                  "DynamicQuantizeLinear") for n in model.graph)
+                                  "DynamicQuantizeLinear", "GatherBlockQuantized") for n in model.graph)
     if not quantized:
         return None
     try:

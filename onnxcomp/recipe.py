@@ -33,7 +33,11 @@ __all__ = ["Gate", "Recipe", "PassStep", "load_recipe", "parse_recipe", "shipped
 
 
 class Gate(BaseModel):
-    """Thresholds the compressed model must meet against the original."""
+    """Thresholds the compressed model must meet against the original.
+
+    ``output`` and ``mask_input`` are not thresholds: they say what the fidelity metrics
+    measure (see :func:`onnxcomp.validate.compare`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,6 +49,14 @@ class Gate(BaseModel):
     max_kl: float | None = Field(None, ge=0)
     min_fused_ratio: float | None = Field(None, ge=0, le=1, description="int8 kernels / quantized nodes")
     max_size_ratio: float | None = Field(None, gt=0)
+    output: str | None = Field(None, min_length=1, description="model output the headline metrics use "
+                               "(default: the first output)")
+    mask_input: str | None = Field(None, min_length=1, description="model input whose 0 entries mark padding "
+                                   "left out of the metrics, or 'auto' (default: no mask)")
+
+    def thresholds(self) -> dict[str, Any]:
+        """The thresholds that are set (``output`` / ``mask_input`` are not thresholds)."""
+        return self.model_dump(exclude_none=True, exclude={"output", "mask_input"})
 
 
 class _RecipeFile(BaseModel):

@@ -43,21 +43,42 @@ def _initializers(model: ir.Model):
 def count_params(model: ir.Model) -> int:
     """Elements stored in initializers with more than one element (weights, not scalars).
 
-    Block-quantized weights (``MatMulNBits``) are counted as the weights they encode.
+    Block-quantized weights count as the logical weights they encode, like the float
+    op they replace: ``MatMulNBits`` K·N (its packed data, scales and zero points are not
+    counted again), ``GatherBlockQuantized`` vocab×dim.
     """
-    total = 0
+    logical, encoded = _block_quantized(model)
+    total = logical
     for value in _initializers(model):
         tensor = value.const_value
-        if tensor is None or tensor.size <= 1:
+        if tensor is None or tensor.size <= 1 or value.name in encoded:
             continue
         total += tensor.size
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "MatMulNBits" and node.inputs[1] is not None:
-            packed = node.inputs[1].const_value
-            k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
-            if packed is not None:
-                total += k * n - packed.size
     return total
+
+
+_ENCODING_INPUTS = {"MatMulNBits": (1, 2, 3, 4), "GatherBlockQuantized": (0, 2, 3)}  # data, scales, zp (g_idx)
+
+
+def _block_quantized(model: ir.Model) -> tuple[int, set[str]]:
+    """(logical weights of block-quantized nodes, names of the initializers that encode them)."""
+    logical, encoded = 0, set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        indices = _ENCODING_INPUTS.get(node.op_type) if node.domain == "com.microsoft" else None
+        if indices is None:
+            continue
+        values = [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+        if not values or values[0].const_value is None:
+            continue  # weights computed at run time: nothing stored
+        if node.op_type == "MatMulNBits":
+            logical += node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
+        else:
+            data = values[0].const_value
+            bits = node.attributes.get_int("bits", 4)
+            packed = data.dtype == ir.DataType.UINT8 and bits < 8  # else int4/uint4/uint8 elements
+            logical += data.size * 8 // bits if packed else data.size
+        encoded.update(v.name for v in values if v.const_value is not None)
+    return logical, encoded
 
 
 def _nonzero(model: ir.Model) -> int:
@@ -107,13 +128,17 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
     """Multiply-accumulates of one sample through Conv/MatMul/Gemm-like ops (None if shapes unknown).
 
     Dynamic input dims are taken from ``input_shapes`` when given, else batch 1 and 1
-    for other dynamic axes. Shapes come from ONNX shape inference on a weightless copy.
+    for other dynamic axes. Shapes come from ONNX shape inference; where it leaves MAC ops
+    without shapes (Slice on computed bounds in exported BERTs, com.microsoft fused ops),
+    from onnxruntime's symbolic shape inference when it is available (it needs sympy).
+    Block-quantized MatMulNBits counts like the float MatMul it replaces.
     """
     from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
 
     if model_nbytes(model) >= PROTOBUF_LIMIT:
         return None
     proto = ir.serde.serialize_model(model)
+    _as_float_ops(proto)
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
         given = (input_shapes or {}).get(inp.name)
@@ -124,6 +149,39 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference fails on some custom ops: no estimate then
         return None
+    total, unknown = _count_macs(inferred)
+    if unknown:
+        try:
+            symbolic = _symbolic_shape_inference().infer_shapes(proto, auto_merge=True)
+        except Exception:  # no sympy, or an op it does not know: keep the ONNX estimate
+            symbolic = None
+        if symbolic is not None:
+            total_s, unknown_s = _count_macs(symbolic)
+            if unknown_s < unknown:
+                total = total_s
+    return total
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: importing the package
+    ``onnxruntime.tools`` imports torch when it is installed (seconds), the module needs only sympy."""
+    import importlib.util
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    module = sys.modules.get(name) or sys.modules.get("_onnxcomp_symbolic_shape_infer")
+    if module is None:
+        origin = importlib.util.find_spec("onnxruntime").origin
+        path = Path(origin).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location("_onnxcomp_symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_onnxcomp_symbolic_shape_infer"] = module
+    return module.SymbolicShapeInference
+
+
+def _count_macs(inferred: onnx.ModelProto) -> tuple[int, int]:
+    """(MACs of the MAC ops whose shapes are known, number of MAC ops without shapes)."""
     shapes = {}
     for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
@@ -131,33 +189,64 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
             shapes[info.name] = tuple(d.dim_value for d in dims)
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(init.dims)
-    total = 0
+    total = unknown = 0
     for node in inferred.graph.node:
         if node.op_type not in _MAC_OPS:
             continue
         out = shapes.get(node.output[0])
-        if out is None:
-            continue
         if node.op_type in ("Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"):
             w_index = 3 if node.op_type == "QLinearConv" else 1
             w = shapes.get(node.input[w_index])
-            if w is None:
+            if out is None or w is None:
+                unknown += 1
                 continue
             per_output = int(np.prod(w[1:]))
             total += int(np.prod(out)) * per_output
-        elif node.op_type == "MatMulNBits":
-            k = next((a.i for a in node.attribute if a.name == "K"), 0)
-            total += int(np.prod(out)) * k
         else:
             a = shapes.get(node.input[0])
-            if a is None:
+            if out is None or not a:
+                unknown += 1
                 continue
             k = a[-1]
             if node.op_type in ("Gemm", "QGemm"):
                 trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
                 k = a[0] if trans_a else a[-1]
             total += int(np.prod(out)) * int(k)
-    return total
+    return total, unknown
+
+
+def _as_float_ops(proto: onnx.ModelProto) -> None:
+    """MatMulNBits -> MatMul, GatherBlockQuantized -> Gather on weight-shaped stub inputs, in place.
+
+    ONNX shape inference does not know these com.microsoft ops: without this their outputs,
+    and everything after them, have no shape, and their MACs would be lost.
+    """
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    stubs = []
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        elem = types.get(node.input[2], onnx.TensorProto.FLOAT) if len(node.input) > 2 else onnx.TensorProto.FLOAT
+        stub = f"__onnxcomp_stub_{len(stubs)}"
+        if node.op_type == "MatMulNBits":
+            shape, inputs, new_attrs = [attrs.get("K", 0), attrs.get("N", 0)], [node.input[0], stub], []
+        else:
+            data = next((t for t in proto.graph.initializer if t.name == node.input[0]), None)
+            if data is None or len(data.dims) != 2:
+                continue
+            shape = list(data.dims)
+            bits = attrs.get("bits", 4)
+            if data.data_type == onnx.TensorProto.UINT8 and bits < 8:
+                shape[attrs.get("quantize_axis", 1) % 2] = shape[attrs.get("quantize_axis", 1) % 2] * 8 // bits
+            inputs = [stub, node.input[1]]
+            new_attrs = [onnx.helper.make_attribute("axis", attrs.get("gather_axis", 0))]
+        stubs.append(onnx.helper.make_tensor_value_info(stub, elem, shape))
+        node.op_type, node.domain = ("MatMul" if node.op_type == "MatMulNBits" else "Gather"), ""
+        del node.input[:], node.attribute[:]
+        node.input.extend(inputs)
+        node.attribute.extend(new_attrs)
+    proto.graph.input.extend(stubs)
 
 
 def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int = 30,
@@ -247,6 +336,15 @@ def print_summary(report: dict[str, Any], console=None) -> None:
             if fid.get(key) is not None:
                 table.add_row(key, f"{fid[key]:.6g}")
         console.print(table)
+        if fid.get("output"):
+            line = f"headline metrics of output '{fid['output']}'"
+            if fid.get("mask") and fid.get("masked_outputs"):
+                kept = f", {fid['mask_kept']:.1%} of positions kept" if fid.get("mask_kept") is not None else ""
+                line += (f"; padding ({fid['mask']} == 0{kept}) left out of: "
+                         + ", ".join(fid["masked_outputs"]))
+            if fid.get("mask_note"):
+                line += f"; {fid['mask_note']}"
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
     gate = report.get("gate")
     if gate and gate.get("checked"):
         verdict = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"

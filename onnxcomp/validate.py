@@ -1,24 +1,78 @@
 """Original vs compressed on the same inputs: fidelity metrics and the recipe's gate.
 
 Outputs are compared batch by batch and reduced as they stream. The headline
-metrics (cosine, top-1 agreement, KL, accuracy) use the first output; the error
-metrics take the worst over all outputs.
+metrics (cosine, top-1 agreement, KL, accuracy) use one output (the first unless
+named); the error metrics take the worst over all outputs.
+
+With a mask input (e.g. a BERT ``attention_mask`` [batch, seq]), positions where the
+mask is 0 (padding) are left out of the headline metrics and of the error metrics of
+every output whose leading two dims are the mask's shape: ``last_hidden_state``
+[batch, seq, hidden] is compared on real tokens only, a pooled [batch, hidden] output
+as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import Dataset
+from onnxcomp.data import Dataset, model_inputs
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.recipe import Gate
 from onnxcomp.runtime import open_session, run_batches
 
-__all__ = ["compare", "check_gate"]
+__all__ = ["compare", "check_gate", "select_target", "Target", "AUTO_MASK"]
+
+AUTO_MASK = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the fidelity metrics measure: the headline output and the padding mask input."""
+
+    output: str
+    mask: str | None = None
+    note: str | None = None  # why no mask is used although one was asked for
+
+
+def select_target(model: ir.Model, output: str | None = None, mask_input: str | None = None, *,
+                  fields: tuple[str, str] = ("output", "mask_input")) -> Target:
+    """Resolve ``output`` (None: the first) and ``mask_input`` (a name, "auto" or None) on ``model``.
+
+    "auto" picks the one integer (or bool) rank-2 input whose name contains "mask"; none or
+    several -> no mask, and ``note`` says why. A name the model does not have raises
+    OnnxcompError naming ``fields`` (how the caller calls the two settings) and the valid names.
+    """
+    outputs = [v.name for v in model.graph.outputs]
+    if not outputs:
+        raise OnnxcompError("the model has no outputs to compare")
+    if output is None:
+        output = outputs[0]
+    elif output not in outputs:
+        raise OnnxcompError(f"{fields[0]}: the model has no output '{output}' (outputs: {', '.join(outputs)})")
+    if mask_input is None:
+        return Target(output)
+    specs = model_inputs(model)
+    if mask_input == AUTO_MASK:
+        found = [s.name for s in specs if "mask" in s.name.lower() and s.dims is not None and len(s.dims) == 2
+                 and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
+        if len(found) == 1:
+            return Target(output, found[0])
+        why = ("no integer rank-2 input with 'mask' in its name" if not found
+               else f"several candidates ({', '.join(found)}): set {fields[1]} to one")
+        return Target(output, None, f"{fields[1]} auto: {why}; every position compared")
+    spec = next((s for s in specs if s.name == mask_input), None)
+    if spec is None:
+        names = ", ".join(s.name for s in specs)
+        raise OnnxcompError(f"{fields[1]}: the model has no input '{mask_input}' (inputs: {names}; or 'auto')")
+    if spec.dims is not None and len(spec.dims) != 2:
+        raise OnnxcompError(f"{fields[1]}: input '{mask_input}' has rank {len(spec.dims)}; "
+                            f"a mask must be [batch, seq]")
+    return Target(output, mask_input)
 
 
 def compare(
@@ -28,35 +82,69 @@ def compare(
     *,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    output: str | None = None,
+    mask_input: str | None = None,
 ) -> dict[str, Any]:
-    """Fidelity of ``compressed`` to ``original`` on ``data`` (accuracy when it has labels)."""
+    """Fidelity of ``compressed`` to ``original`` on ``data`` (accuracy when it has labels).
+
+    ``output``: the output the headline metrics use (default: the first). ``mask_input``:
+    an input name or "auto" (see :func:`select_target`); where it is 0 the positions are
+    left out (see the module docstring). The result names the ``output`` and ``mask`` used,
+    the ``masked_outputs``, the fraction of [batch, seq] positions kept (``mask_kept``) and,
+    when an asked-for mask is not used, ``mask_note``.
+    """
+    target = select_target(original, output, mask_input)
     labels = data.used_labels()
     acc = _Accumulator()
     total = -(-len(data) // (data.fixed_batch or batch_size))
+    masked: dict[str, None] = {}
+    kept = positions = 0
     with open_session(original, what="original model") as s_orig, \
             open_session(compressed, what="compressed model") as s_new:
         names_o = [o.name for o in s_orig.get_outputs()]
         names_n = [o.name for o in s_new.get_outputs()]
         if names_o != names_n:
             raise OnnxcompError(f"the models' outputs differ: {names_o} vs {names_n}")
+        head = names_o.index(target.output)
         start = 0
-        batches_o = run_batches(s_orig, data.batches(batch_size))
-        batches_n = run_batches(s_new, data.batches(batch_size))
-        for index, (out_o, out_n) in enumerate(zip(batches_o, batches_n)):
+        for index, feed in enumerate(data.batches(batch_size)):
+            out_o = next(run_batches(s_orig, [feed]))
+            out_n = next(run_batches(s_new, [feed]))
+            keep = None
+            if target.mask is not None:
+                keep = np.asarray(feed[target.mask]) != 0
+                if keep.ndim != 2:
+                    raise OnnxcompError(f"mask input '{target.mask}' has shape {list(keep.shape)}; "
+                                        f"a mask must be [batch, seq]")
+                kept += int(keep.sum())
+                positions += keep.size
             for position, (a, b) in enumerate(zip(out_o, out_n)):
                 if a.shape != b.shape:
                     raise OnnxcompError(
                         f"output '{names_o[position]}' changed shape: {a.shape} -> {b.shape}"
                     )
-                acc.errors(np.asarray(a, np.float64), np.asarray(b, np.float64))
-            n = len(out_o[0]) if np.ndim(out_o[0]) else 1
-            y = None if labels is None else labels[start : start + n]
-            acc.headline(np.asarray(out_o[0], np.float64), np.asarray(out_n[0], np.float64), y)
-            start += n
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                select = keep if keep is not None and a.shape[:2] == keep.shape else None
+                if select is not None:
+                    masked[names_o[position]] = None
+                    acc.errors(a[select], b[select])
+                else:
+                    acc.errors(a, b)
+                if position == head:
+                    n = len(a) if a.ndim else 1
+                    y = None if labels is None else labels[start : start + n]
+                    acc.headline(a, b, y, select)
+            start += len(next(iter(feed.values())))
             if progress:
                 progress(index + 1, total)
     result = acc.result()
-    result.update(samples=start, data=data.source, output=names_o[0])
+    result.update(samples=start, data=data.source, output=target.output, mask=target.mask,
+                  masked_outputs=list(masked),
+                  mask_kept=kept / positions if positions else None)
+    if target.note:
+        result["mask_note"] = target.note
+    elif target.mask is not None and not masked:
+        result["mask_note"] = f"mask '{target.mask}' matches no output's leading dims: every position compared"
     return result
 
 
@@ -129,15 +217,27 @@ class _Accumulator:
         self.abs_sum += float(diff.sum())
         self.abs_count += diff.size
 
-    def headline(self, a: np.ndarray, b: np.ndarray, labels: np.ndarray | None) -> None:
-        a2 = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)
-        b2 = b.reshape(len(b), -1) if b.ndim else b.reshape(1, 1)
+    def headline(self, a: np.ndarray, b: np.ndarray, labels: np.ndarray | None,
+                 keep: np.ndarray | None = None) -> None:
+        """Per-sample metrics; ``keep`` [batch, seq] leaves out positions (and samples with none kept)."""
+        if keep is not None:
+            rows = keep.any(axis=1)
+            a, b, keep = a[rows], b[rows], keep[rows]
+            labels = None if labels is None else labels[rows]
+            weight = keep.reshape(keep.shape + (1,) * (a.ndim - 2))
+            a2 = (a * weight).reshape(len(a), -1)  # zeros at padding: the cosine of the kept positions
+            b2 = (b * weight).reshape(len(b), -1)
+        else:
+            a2 = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)
+            b2 = b.reshape(len(b), -1) if b.ndim else b.reshape(1, 1)
         norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
         cos = np.where(norms > 0, (a2 * b2).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
         self.cos_sum += float(cos.sum())
         self.rows += len(a2)
         if a.ndim == 2 and a.shape[1] > 1:
             self.classes = True
+            if keep is not None:  # scores over positions: padding can be neither top-1 nor probable
+                a, b = np.where(keep, a, -np.inf), np.where(keep, b, -np.inf)
             top_o, top_n = a.argmax(axis=1), b.argmax(axis=1)
             self.agree += int((top_o == top_n).sum())
             p = _softmax(a)

@@ -9,7 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.data import load_data
 from onnxcomp.model import load_model
+from onnxcomp.passes.base import PassContext
 from onnxcomp.passes.cleanup import Cleanup
+from onnxcomp.passes.quantize_weights import QuantizeWeights
+from onnxcomp.pipeline import compress
 from onnxcomp.report import count_params, estimate_macs, model_summary
 from onnxcomp.runtime import open_session
 
@@ -96,3 +99,70 @@ def test_macs_scale_with_sequence_dims():
 @pytest.mark.parametrize("name", ["digits_mlp.onnx"])
 def test_param_count_mlp(mlp_path, name):
     assert count_params(load_model(mlp_path)) == 17_226
+
+
+# -- block-quantized weights count as the float weights they encode -------------------------------
+
+
+def _quantize_weights(model: ir.Model, **options) -> ir.Model:
+    work = model.clone()
+    QuantizeWeights(options, PassContext())(work)
+    return work
+
+
+def _embed_then_matmul(vocab=50, dim=32, n=16):
+    """Gather(table [vocab, dim], ids [b, s]) -> MatMul(W [dim, n])."""
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((dim, n)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [table, w])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False)])
+def test_matmulnbits_params_and_macs_match_the_float_matmul(bits, symmetric):
+    k, n = 80, 24  # K not a multiple of the block: the packed data is padded, the count is not
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [w])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    out = _quantize_weights(model, bits=bits, symmetric=symmetric)
+    assert [node.op_type for node in out.graph] == ["MatMulNBits"]
+    assert count_params(out) == count_params(model) == k * n
+    assert estimate_macs(out) == estimate_macs(model) == k * n
+    assert estimate_macs(out, {"x": (4, 10, k)}) == 10 * k * n
+
+
+def test_quantized_mlp_keeps_its_params_and_macs(mlp_path):
+    model = load_model(mlp_path)
+    out = _quantize_weights(model)
+    assert [node.op_type for node in out.graph].count("MatMulNBits") == 3
+    assert count_params(out) == count_params(model) == 17_226  # biases stay, scales/zero points not counted
+    assert estimate_macs(out) == estimate_macs(model) == 64 * 128 + 128 * 64 + 64 * 10
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_gather_block_quantized_counts_vocab_times_dim(bits, symmetric):
+    model = _embed_then_matmul()
+    out = _quantize_weights(model, bits=bits, symmetric=symmetric, quantize_embeddings=True)
+    assert [node.op_type for node in out.graph] == ["GatherBlockQuantized", "MatMulNBits"]
+    assert count_params(out) == count_params(model) == 50 * 32 + 32 * 16
+    # shapes flow through both com.microsoft ops: the MatMul after the lookup keeps its MACs
+    assert estimate_macs(out, {"ids": (1, 7)}) == estimate_macs(model, {"ids": (1, 7)}) == 7 * 32 * 16
+
+
+def test_only_gather_block_quantized_still_gets_a_fusion_report():
+    model = _embed_then_matmul()
+    ids = np.random.default_rng(1).integers(0, 50, size=(8, 7))
+    result = compress(model, {"passes": [{"quantize_weights": {"quantize_embeddings": True, "exclude": ["proj"]}}]},
+                      val={"ids": ids}, latency_runs=0)
+    assert [node.op_type for node in result.model.graph] == ["GatherBlockQuantized", "MatMul"]
+    quant = result.report["quantization"]
+    assert quant["other"] == {"quantized": 1, "fused": 1} and quant["compute"] == {"quantized": 0, "fused": 0}
+    assert quant["int8_kernels"] == {"GatherBlockQuantized": 1} and quant["fused_ratio"] is None
+    assert result.report["compressed"]["params"] == result.report["original"]["params"]

@@ -100,6 +100,10 @@ def _errors_cases(tmp_path, cnn_path, val_path):
     np.savez(missing_input, x=np.zeros((2, 1, 8, 8), np.float32))
     wrong_shape = tmp_path / "shape.npz"
     np.savez(wrong_shape, input=np.zeros((2, 1, 7, 8), np.float32))
+    bad_gate_output = tmp_path / "gate_output.yaml"
+    bad_gate_output.write_text("passes: [cleanup]\ngate: {output: probs, min_cosine: 0.9}\n")
+    bad_gate_mask = tmp_path / "gate_mask.yaml"
+    bad_gate_mask.write_text("passes: [cleanup]\ngate: {mask_input: attention_mask}\n")
     locked = tmp_path / "locked"
     locked.mkdir()
     os.chmod(locked, 0o500)
@@ -118,6 +122,14 @@ def _errors_cases(tmp_path, cnn_path, val_path):
         (["run", "cleanup", "-m", cnn_path, "--val", tmp_path / "none.npz"], "no such data file"),
         (["run", tmp_path / "none.yaml", "-m", cnn_path], "no such recipe file"),
         (["validate", cnn_path, not_onnx, "--val", val_path], "not.onnx"),
+        (["run", bad_gate_output, "-m", cnn_path, "--val", val_path],
+         "gate_output.yaml: gate.output: the model has no output 'probs' (outputs: logits)"),
+        (["run", bad_gate_mask, "-m", cnn_path],
+         "gate_mask.yaml: gate.mask_input: the model has no input 'attention_mask' (inputs: input; or 'auto')"),
+        (["validate", cnn_path, cnn_path, "--val", val_path, "--output", "probs"],
+         "--output: the model has no output 'probs' (outputs: logits)"),
+        (["validate", cnn_path, cnn_path, "--val", val_path, "--mask-input", "attention_mask"],
+         "--mask-input: the model has no input 'attention_mask'"),
         (["passes", "nosuchpass"], "unknown pass"),
     ]
 
@@ -176,6 +188,23 @@ def test_validate_and_logits(tmp_path, cnn_path, val_path, capsys):
     logits = np.load(out)
     reference = np.load(MODELS / "digits" / "digits_cnn.teacher_logits.npy")
     np.testing.assert_allclose(logits, reference, atol=1e-5)
+
+
+def test_validate_output_and_mask_input(tmp_path, capsys):
+    bert, val = MODELS / "tiny_bert" / "tiny_bert.onnx", MODELS / "tiny_bert" / "val.npz"
+    report = tmp_path / "r.json"
+    assert main(["validate", str(bert), str(bert), "--val", str(val), "--mask-input", "auto",
+                 "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "headline metrics of output 'last_hidden_state'; padding (attention_mask == 0" in out
+    assert "left out of: last_hidden_state" in out
+    fid = json.loads(report.read_text())["fidelity"]
+    assert fid["mask"] == "attention_mask" and fid["masked_outputs"] == ["last_hidden_state"]
+    assert 0 < fid["mask_kept"] < 1 and fid["cosine"] == pytest.approx(1.0)
+    assert main(["validate", str(bert), str(bert), "--val", str(val), "--output", "sentence_embedding",
+                 "--report", str(report)]) == 0
+    fid = json.loads(report.read_text())["fidelity"]
+    assert fid["output"] == "sentence_embedding" and fid["mask"] is None
 
 
 def test_passes_lists_options(capsys):
