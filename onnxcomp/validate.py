@@ -13,8 +13,9 @@ as it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.recipe import Gate
 from onnxcomp.runtime import open_session, run_batches
 
-__all__ = ["compare", "check_gate", "select_target", "Target", "AUTO_MASK"]
+__all__ = ["compare", "reference_outputs", "check_gate", "select_target", "Target", "AUTO_MASK"]
 
 AUTO_MASK = "auto"
 
@@ -84,8 +85,12 @@ def compare(
     progress: Callable[[int, int], None] | None = None,
     output: str | None = None,
     mask_input: str | None = None,
+    reference: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Fidelity of ``compressed`` to ``original`` on ``data`` (accuracy when it has labels).
+
+    ``reference``: the original's outputs per batch from :func:`reference_outputs` on the same
+    data and batch size, so repeated comparisons (a search) run the original once.
 
     ``output``: the output the headline metrics use (default: the first). ``mask_input``:
     an input name or "auto" (see :func:`select_target`); where it is 0 the positions are
@@ -99,16 +104,16 @@ def compare(
     total = -(-len(data) // (data.fixed_batch or batch_size))
     masked: dict[str, None] = {}
     kept = positions = 0
-    with open_session(original, what="original model") as s_orig, \
-            open_session(compressed, what="compressed model") as s_new:
-        names_o = [o.name for o in s_orig.get_outputs()]
+    with (open_session(original, what="original model") if reference is None else contextlib.nullcontext()) \
+            as s_orig, open_session(compressed, what="compressed model") as s_new:
+        names_o = [o.name for o in (s_orig.get_outputs() if s_orig else original.graph.outputs)]
         names_n = [o.name for o in s_new.get_outputs()]
         if names_o != names_n:
             raise OnnxcompError(f"the models' outputs differ: {names_o} vs {names_n}")
         head = names_o.index(target.output)
         start = 0
         for index, feed in enumerate(data.batches(batch_size)):
-            out_o = next(run_batches(s_orig, [feed]))
+            out_o = next(run_batches(s_orig, [feed])) if reference is None else reference[index]
             out_n = next(run_batches(s_new, [feed]))
             keep = None
             if target.mask is not None:
@@ -146,6 +151,12 @@ def compare(
     elif target.mask is not None and not masked:
         result["mask_note"] = f"mask '{target.mask}' matches no output's leading dims: every position compared"
     return result
+
+
+def reference_outputs(model: ir.Model, data: Dataset, batch_size: int = 32) -> list[list[np.ndarray]]:
+    """``model``'s outputs per batch of ``data``, for :func:`compare`'s ``reference``."""
+    with open_session(model, what="original model") as session:
+        return [list(out) for out in run_batches(session, data.batches(batch_size))]
 
 
 def check_gate(gate: Gate, fidelity: dict[str, Any] | None,

@@ -185,3 +185,14 @@ def test_gate_fields_are_not_thresholds():
     assert gate.thresholds() == {"min_cosine": 0.98}
     with pytest.raises(ValueError):
         Gate(output="")
+
+
+def test_cached_reference_gives_the_same_numbers():
+    from onnxcomp.validate import reference_outputs
+
+    original, compressed, _, _ = _pair()
+    data = _data()
+    direct = compare(original, compressed, data, batch_size=2, mask_input="auto")
+    cached = compare(original, compressed, data, batch_size=2, mask_input="auto",
+                     reference=reference_outputs(original, data, batch_size=2))
+    assert cached == direct

@@ -264,8 +264,7 @@ def fidelity_target(gate: Gate | None) -> Gate:
         raise OnnxcompError("quantize_static.sensitivity: needs a fidelity threshold in the recipe's gate "
                             "(min_cosine, max_accuracy_drop, min_top1_agreement, max_kl, max_mean_abs_error "
                             "or max_abs_error) to aim at")
-    extra = {k: getattr(gate, k) for k in ("output", "mask_input") if getattr(gate, k, None) is not None}
-    return Gate(**wanted, **extra)
+    return Gate(**wanted, output=gate.output, mask_input=gate.mask_input)
 
 
 def sensitivity_search(base: ir.Model, data: Dataset, target: Gate,
@@ -278,17 +277,20 @@ def sensitivity_search(base: ir.Model, data: Dataset, target: Gate,
     float and returns the names of the nodes it quantized; ``final`` False allows a cheaper
     rewrite (no bias correction) for the leave-one-out ranking. ``base`` is not changed.
     """
-    from onnxcomp.validate import check_gate
+    from onnxcomp.validate import check_gate, compare, reference_outputs
 
     start = time.perf_counter()
     trials = 0
+    reference = reference_outputs(base, data, batch_size)
 
     def evaluate(keep: Mapping[str, str], final: bool = True) -> tuple[dict[str, Any], list[str]]:
         nonlocal trials
         trials += 1
         model = base.clone()
         quantized = quantize(model, keep, final)
-        return _fidelity(base, model, data, target, batch_size), quantized
+        fid = compare(base, model, data, batch_size=batch_size, output=target.output,
+                      mask_input=target.mask_input, reference=reference)
+        return fid, quantized
 
     fid_all, units = evaluate({})
     failures, unchecked = check_gate(target, fid_all, {})
@@ -336,13 +338,6 @@ def sensitivity_search(base: ir.Model, data: Dataset, target: Gate,
     report.trials = trials
     report.seconds = time.perf_counter() - start
     return keep_of(high), report
-
-
-def _fidelity(base: ir.Model, model: ir.Model, data: Dataset, target: Gate, batch_size: int) -> dict[str, Any]:
-    from onnxcomp.validate import compare
-
-    options = {k: getattr(target, k) for k in ("output", "mask_input") if getattr(target, k, None) is not None}
-    return compare(base, model, data, batch_size=batch_size, **options)
 
 
 def _loss(fid: dict[str, Any], target: Gate) -> float:

@@ -104,7 +104,8 @@ class QuantizeStaticConfig(PassConfig):
         False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
                            "on the calibration data, return the most harmful quantized nodes to float "
                            "(leave-one-out ranking); the chosen set is reported")
-    sensitivity_samples: int = Field(128, ge=1, description="calibration samples the sensitivity search evaluates on")
+    sensitivity_samples: int = Field(64, ge=1, description="calibration samples the sensitivity search evaluates "
+                                                           "each trial on (one trial per quantized node, then a bisection)")
 
 
 class QuantizeDynamicConfig(PassConfig):
