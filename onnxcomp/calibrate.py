@@ -111,16 +111,25 @@ class Histogram:
 
 
 class Gram:
-    """Running XᵀX over the last axis (all leading axes are samples) and the sample count."""
+    """Running XᵀX over the last axis (all leading axes are samples) and the sample count.
 
-    def __init__(self):
+    Products in float32 (BLAS sgemm, several times faster than float64), summed in float32 over
+    at most ``rows`` rows at a time; the running total is float64, so rounding does not grow with
+    the number of batches.
+    """
+
+    def __init__(self, rows: int = 4096):
+        self.rows = rows
         self.xtx: np.ndarray | None = None
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
-        x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-        gram = x.T @ x
-        self.xtx = gram if self.xtx is None else self.xtx + gram
+        x = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
+        if self.xtx is None:
+            self.xtx = np.zeros((x.shape[1], x.shape[1]), np.float64)
+        for start in range(0, x.shape[0], self.rows):
+            chunk = x[start:start + self.rows]
+            self.xtx += chunk.T @ chunk
         self.count += x.shape[0]
 
 
@@ -275,11 +284,12 @@ def entropy_range(hist: Histogram, levels: int = 256, max_candidates: int = 512)
         return hist.min, hist.max
     width = hist.range / (hist.bins // 2)
     step = max(1, (used - levels) // max_candidates)
-    best, best_kl = used, np.inf
-    for stop in range(levels, used + 1, step):
-        kl = _clipped_kl(magnitudes, stop, levels)
-        if kl < best_kl:
-            best, best_kl = stop, kl
+    stops = np.arange(levels, used + 1, step)
+    kl = _clipped_kl_many(magnitudes, stops, levels)
+    best = used
+    if np.isfinite(kl).any():  # the first of the minima (equal up to rounding: sparse histograms tie)
+        low = kl.min()
+        best = int(stops[np.flatnonzero(kl <= low + 1e-12 * max(1.0, abs(low)))[0]])
     return _signed_range(hist, best * width, sign)
 
 
@@ -366,6 +376,48 @@ def _clipped_kl(counts: np.ndarray, stop: int, levels: int) -> float:
     p = p[mask] / p.sum()
     q = np.maximum(q[mask] / q.sum(), 1e-8)  # a bin P has and Q lacks costs a lot, not infinity
     return float((p * np.log(p / q)).sum())
+
+
+def _clipped_kl_many(counts: np.ndarray, stops: np.ndarray, levels: int) -> np.ndarray:
+    """:func:`_clipped_kl` for every clipping point in ``stops`` (each >= ``levels``) at once.
+
+    Works per group of merged bins instead of per bin, from prefix sums over the counts: the
+    groups of stop s are contiguous, [ceil(g·s/levels), ceil((g+1)·s/levels)), and Q is constant
+    over a group's non-empty bins, so with P's mass p_g in group g (the clipped tail included in
+    the last) and Q's value q_g there, KL = Σ_j p_j·log p_j − Σ_g p_g·log q_g. The first sum is
+    a prefix sum except for the last bin (which takes the tail). Cost O(stops × levels).
+    """
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()  # P's mass for every stop (the clipped tail goes into its last bin)
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    cum_nonzero = np.concatenate([[0], np.cumsum(counts > 0)])
+    share = counts / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(counts > 0, share * np.log(share), 0.0)
+    cum_plogp = np.concatenate([[0.0], np.cumsum(plogp)])
+
+    s = np.asarray(stops, np.int64)[:, None]  # [C, 1]
+    last = s[:, 0] - 1
+    tail = total - cum[s[:, 0]]
+    p_last = counts[last] + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        last_share = p_last / total
+        entropy = cum_plogp[last] + np.where(p_last > 0, last_share * np.log(last_share), 0.0)
+
+    bounds = -(-(np.arange(levels + 1) * s) // levels)  # [C, levels + 1]: group starts, then s
+    mass = np.diff(cum[bounds], axis=1)  # Q's mass per group: counts without the tail
+    filled = np.diff(cum_nonzero[bounds], axis=1)  # P's non-empty bins per group
+    filled[:, -1] += (counts[last] == 0) & (p_last > 0)  # an empty last bin that took the tail
+    per_bin = mass / np.maximum(filled, 1)
+    q_total = (per_bin * filled).sum(axis=1)
+    p_mass = mass.copy()
+    p_mass[:, -1] += tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.maximum(per_bin / q_total[:, None], 1e-8)  # a bin P has and Q lacks costs a lot, not infinity
+        cross = np.where(p_mass > 0, p_mass / total * np.log(q), 0.0).sum(axis=1)
+    kl = entropy - cross
+    kl[q_total == 0] = np.inf
+    return kl
 
 
 def _quantile(cdf: np.ndarray, edges: np.ndarray, q: float) -> float:

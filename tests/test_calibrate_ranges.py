@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from onnxcomp.calibrate import (
+    Gram,
     Histogram,
     MinMax,
+    _clipped_kl,
+    _clipped_kl_many,
+    _one_sided_counts,
     entropy_range,
     minmax_range,
     mse_range,
@@ -111,3 +115,50 @@ def test_weight_mse_clips_long_channels_and_lowers_the_error():
         return ((heavy - np.clip(np.round(heavy / scale), -127, 127) * scale) ** 2).sum()
 
     assert error(weight_absmax(heavy, 0, "mse")) < error(weight_absmax(heavy, 0, "minmax"))
+
+
+def _entropy_by_loop(hist: Histogram, levels: int = 256, max_candidates: int = 512) -> tuple[float, float]:
+    """entropy_range as it was written first: one KL per candidate threshold, strict minimum."""
+    magnitudes, levels, sign = _one_sided_counts(hist, levels)
+    used = int(np.flatnonzero(magnitudes)[-1]) + 1
+    if used <= levels:
+        return hist.min, hist.max
+    step = max(1, (used - levels) // max_candidates)
+    best, best_kl = used, np.inf
+    for stop in range(levels, used + 1, step):
+        kl = _clipped_kl(magnitudes, stop, levels)
+        if kl < best_kl:
+            best, best_kl = stop, kl
+    threshold = best * hist.range / (hist.bins // 2)
+    return (0.0 if sign > 0 else max(-threshold, hist.min)), (0.0 if sign < 0 else min(threshold, hist.max))
+
+
+@pytest.mark.parametrize("bins", [256, 2048])
+@pytest.mark.parametrize("kind", ["t3", "relu", "negative", "sparse", "outliers", "integers"])
+def test_vectorised_entropy_equals_the_per_threshold_loop(kind, bins):
+    rng = np.random.default_rng(7)
+    values = {"t3": lambda: rng.standard_t(3, 50_000), "relu": lambda: np.maximum(rng.standard_t(3, 50_000), 0),
+              "negative": lambda: -np.abs(rng.laplace(0, 1, 50_000)),
+              "sparse": lambda: rng.standard_t(2, 50),  # most bins empty: many thresholds tie
+              "outliers": lambda: np.concatenate([rng.normal(0, 1, 20_000), rng.normal(0, 60, 10)]),
+              "integers": lambda: np.round(rng.normal(0, 3, 20_000))}[kind]()
+    hist = _histogram(values, bins=bins, batches=3)
+    magnitudes, levels, _ = _one_sided_counts(hist, 256)
+    stops = np.arange(levels, int(np.flatnonzero(magnitudes)[-1]) + 2)
+    reference = np.array([_clipped_kl(magnitudes, int(stop), levels) for stop in stops])
+    np.testing.assert_allclose(_clipped_kl_many(magnitudes, stops, levels), reference, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(entropy_range(hist), _entropy_by_loop(hist), rtol=1e-6)
+
+
+def test_gram_multiplies_in_float32_and_sums_in_float64():
+    rng = np.random.default_rng(8)
+    batches = [(rng.standard_normal((5, 70, 48)) * rng.uniform(0.1, 10, 48)).astype(np.float32) for _ in range(4)]
+    gram = Gram(rows=128)  # 350 rows per batch: three float32 partial sums each
+    for batch in batches:
+        gram.update(batch)
+    x = np.concatenate([b.reshape(-1, 48) for b in batches]).astype(np.float64)
+    exact = x.T @ x
+    assert gram.xtx.dtype == np.float64 and gram.count == len(x)
+    np.testing.assert_allclose(gram.xtx, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
+    np.testing.assert_allclose(np.diag(gram.xtx), np.diag(exact), rtol=1e-6)
+    np.testing.assert_allclose(gram.xtx, gram.xtx.T, rtol=0, atol=0)  # symmetric as XᵀX is

@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
@@ -121,19 +124,60 @@ def test_kitchen_sink_every_int8_capable_op_fuses(tmp_path):
     result = static(path, data, data)
     quant = result.report["quantization"]
     assert quant["fused_ratio"] == 1.0 and quant["unfused"] == []
-    assert quant["compute"] == {"quantized": 6, "fused": 6} and quant["other"] == {"quantized": 10, "fused": 10}
+    assert quant["compute"] == {"quantized": 6, "fused": 6} and quant["other"] == {"quantized": 8, "fused": 8}
     for kernel in ("QLinearAdd", "QLinearAveragePool", "QLinearConcat", "QLinearGlobalAveragePool",
-                   "QLinearSigmoid", "QLinearSoftmax", "QLinearMatMul", "QGemm", "QLinearConv"):
+                   "QLinearConv", "QGemm"):
         assert kernel in quant["int8_kernels"]
     assert quant["int8_kernels"]["QLinearAdd"] == 1  # the bias Add before LayerNorm stays float (dead end)
-    assert quant["int8_kernels"]["MatMulIntegerToFloat"] == 2  # ... its MatMul and the last keep float outputs
+    # the 3-D MatMul, the attention MatMul (before Softmax) and the last keep float outputs
+    assert quant["int8_kernels"]["MatMulIntegerToFloat"] == 3
     assert quant["float_ops_reading_dequantized"] == {}  # no DQ in front of a float op
-    float_ops = {n.name for n in result.model.graph if n.op_type in ("Add", "LayerNormalization")
+    float_ops = {n.name for n in result.model.graph if n.op_type in ("Add", "LayerNormalization", "Sigmoid", "Softmax")
                  and not any(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
                              for v in n.inputs)}
-    assert float_ops == {"bias_add", "layernorm"}
+    assert float_ops == {"bias_add", "layernorm", "sigmoid", "softmax"}
+    skipped = {s["what"]: s["why"] for s in result.report["passes"][1]["skipped"]}
+    assert "reach no other quantized node" in skipped["Add bias_add"]
+    # Sigmoid reads the Gemm's output, Softmax the attention MatMul's: both can stay float, so an int8
+    # Sigmoid/Softmax would add a rounding; in float, their outputs are rounded once for the next MatMul
+    assert skipped["Sigmoid sigmoid"].startswith("input 'g' comes from Gemm 'gemm', whose output can stay float")
+    assert skipped["Softmax softmax"].startswith("input 'att' comes from MatMul 'attention'")
     assert result.report["fidelity"]["cosine"] > 0.999
     assert [v.name for v in result.model.graph.outputs] == ["y", "g"]  # graph outputs keep their names
+
+
+def conv_elementwise(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> SiLU (Sigmoid, Mul) -> 1x1 Conv -> channel Softmax -> 1x1 Conv: elementwise ops on Conv outputs."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape, scale=0.3):
+        return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [init("w1", 8, 3, 3, 3), init("b1", 8, scale=0.1), init("w2", 8, 8, 1, 1), init("b2", 8, scale=0.1),
+             init("w3", 4, 8, 1, 1), init("b3", 4, scale=0.1)]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("Sigmoid", ["c1"], ["s"], name="sigmoid"),
+             h.make_node("Mul", ["c1", "s"], ["silu"], name="silu"),
+             h.make_node("Conv", ["silu", "w2", "b2"], ["c2"], name="conv2"),
+             h.make_node("Softmax", ["c2"], ["p"], name="softmax", axis=1),
+             h.make_node("Conv", ["p", "w3", "b3"], ["y"], name="conv3")]
+    graph = h.make_graph(nodes, "conv_elementwise", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_elementwise_ops_on_conv_outputs_stay_int8(tmp_path):
+    """A Conv's output is int8 anyway (QLinearConv has no float output): Sigmoid, Mul and Softmax
+    reading it run as QLinear kernels, nothing is kept float."""
+    path = tmp_path / "silu.onnx"
+    onnx.save(conv_elementwise(), path)
+    data = {"x": np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    result = static(path, data, data)
+    quant = result.report["quantization"]
+    assert quant["int8_kernels"] == {"QLinearConv": 3, "QLinearMul": 1, "QLinearSigmoid": 1, "QLinearSoftmax": 1}
+    assert quant["fused_ratio"] == 1.0 and quant["other"] == {"quantized": 3, "fused": 3}
+    assert result.report["passes"][1]["skipped"] == []
+    assert result.report["fidelity"]["cosine"] > 0.999
 
 
 def test_gemm_normalised_and_relu6_folded(tmp_path):
@@ -159,9 +203,37 @@ def test_attention_mask_stays_float(tmp_path):
     data = {"x": np.random.default_rng(0).standard_normal((64, 8, 16)).astype(np.float32)}
     result = static(path, data, data)
     skipped = {s["what"]: s["why"] for s in result.report["passes"][1]["skipped"]}
-    assert "beyond max_range" in skipped["Add add_mask"] and "beyond max_range" in skipped["Softmax softmax"]
+    # the scores MatMul keeps a float output, so the mask Add and the Softmax after it stay float
+    assert skipped["Add add_mask"].startswith("input 'scores' comes from MatMul 'scores'")
+    assert skipped["Softmax softmax"].startswith("input 'masked' comes from Add 'add_mask', which stays float")
     quant = result.report["quantization"]
     assert quant["compute"] == {"quantized": 4, "fused": 4}
+    assert result.report["fidelity"]["cosine"] > 0.999
+
+
+def test_activation_beyond_max_range_stays_float(tmp_path):
+    """A -1e9 mask added to a Conv output (int8 anyway): the Add reading it and the Softmax after
+    it stay float (8 bits over ±1e9 would zero every real value); the Convs stay int8."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 8, 1, 1), np.float32)
+    mask[:, 6:] = -1e9
+    inits = [nh.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             nh.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "w2"),
+             nh.from_array(mask, "mask")]
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("Add", ["c1", "mask"], ["masked"], name="add_mask"),
+             h.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=1),
+             h.make_node("Conv", ["p", "w2"], ["y"], name="conv2")]
+    graph = h.make_graph(nodes, "masked_conv", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    path = tmp_path / "masked_conv.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    data = {"x": rng.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    result = static(path, data, data)
+    skipped = {s["what"]: s["why"] for s in result.report["passes"][1]["skipped"]}
+    assert "beyond max_range" in skipped["Add add_mask"] and "beyond max_range" in skipped["Softmax softmax"]
+    quant = result.report["quantization"]
+    assert quant["int8_kernels"] == {"QLinearConv": 2} and quant["fused_ratio"] == 1.0
     assert result.report["fidelity"]["cosine"] > 0.999
 
 

@@ -12,15 +12,23 @@ Which nodes (onnxruntime's CPU QDQ selectors decide what fuses):
   int32 bias; QuantizeLinear on the output (a MatMul/Gemm whose output feeds only float ops
   keeps a float output: ORT runs MatMulIntegerToFloat / QGemm with float output);
 - ``qlinear`` — ops with a QLinear* CPU kernel: DQ on every data input, Q on the output; only
-  where the int8 output reaches another quantized node (not a residual Add before LayerNorm);
+  where the int8 output reaches another quantized node (not a residual Add before LayerNorm)
+  AND every activation input is int8 anyway (a Conv or QLinear output, a MatMul/Gemm output
+  another Conv/MatMul/Gemm reads): an elementwise op reading a tensor that would otherwise
+  stay float (a MatMul's output before its bias Add, Erf inside GELU, a mask Add before
+  Softmax) would add a rounding for no int8 compute — in a transformer only the MatMuls are
+  int8, each fed by one rounding; in a CNN, Add/Mul/Sigmoid/pools read Conv outputs and stay
+  int8 (see :func:`_prune_qlinear`);
 - ``shared`` — data movement (Reshape, Transpose, MaxPool, …): their outputs reuse the input's
   scale and zero point, so ORT drops the Q/DQ pair and moves int8 data. Quantized only next
-  to another quantized node.
+  to another quantized node. A Gather from a constant table (an embedding) stays float when
+  the table in int8 with one per-tensor scale is off by more than TABLE_MAX_ERROR.
 - a Relu, or a Clip with min 0, right after a compute/qlinear node is folded: the producer's
   output takes its name and its range [0, max], and the QuantizeLinear clips (as ORT's own
   quantizer does).
 Every tensor a quantized node produces goes through its QuantizeLinear, also for float
-consumers (which get their own DequantizeLinear), so ORT can fuse the producer.
+consumers (which get their own DequantizeLinear), so ORT can fuse the producer. Each node a
+rule keeps float is in ``plan.skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from onnx_ir.passes import common as ir_common
 from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range, tensor_values
 from onnxcomp.data import Dataset
 from onnxcomp.passes.qdq import (
+    ACTIVATION_TYPES,
     Names,
     QParams,
     activation_params,
@@ -67,6 +76,9 @@ SHARED_SCALE_OPS = {"Reshape": None, "Flatten": None, "Transpose": None, "Squeez
                     "Gather": None, "GatherElements": None, "Slice": None, "Expand": None, "Tile": None,
                     "Resize": None, "Split": None, "MaxPool": 21}
 _UNIT_RANGE_OUTPUTS = ("Softmax", "Sigmoid")
+# a constant table (embedding) read by a quantized Gather is stored with one per-tensor scale:
+# allowed quantization error of its median row, relative to the row's norm (see _coarse_table)
+TABLE_MAX_ERROR = 0.02
 
 
 @dataclasses.dataclass
@@ -107,7 +119,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
     graph, plan, exclude = model.graph, StaticPlan(), exclude or {}
     types = value_types(model)
     opset = opset_version(model)
-    shared = []
+    shared, coarse = [], []
     for node in graph:
         role = _role(node, opset)
         if role is None:
@@ -117,17 +129,25 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
             plan.skipped.append((_label(node), why))
         if why:
             continue
+        coarse_why = _coarse_table(node, options.activation_type) if role == "shared" else None
+        if coarse_why:
+            coarse.append((node, coarse_why))
+            continue
         if role == "shared":
             shared.append(node)
         else:
             plan.roles[node] = role
-    _drop_dead_end_qlinear(plan, set(shared))
+    for node, why in _prune_qlinear(plan, set(shared)).items():
+        plan.skipped.append((_label(node), why))
     for node in graph:
         if node.op_type in ("Relu", "Clip") and not is_excluded(node, options) and node not in exclude:
             producer = _foldable_into(node, plan.roles)
             if producer is not None:
                 plan.folded[node] = producer
     _add_shared(graph, plan, shared)
+    for node, why in coarse:  # reported only where the lookup would have been quantized
+        if _touches_quantized(node, plan):
+            plan.skipped.append((_label(node), why))
     _plan_tensors(plan, types)
     return plan
 
@@ -272,6 +292,43 @@ def _ineligible(node: ir.Node, role: str, types) -> str | None:
     return None
 
 
+def _coarse_table(node: ir.Node, activation_type: str) -> str | None:
+    """Why a lookup in a constant table (Gather of an embedding) stays float, or None.
+
+    A quantized Gather moves int8 rows of a table stored with ONE per-tensor scale (ORT drops
+    the Q/DQ pair only for per-tensor parameters): a few rows far wider than the rest (position
+    embeddings, outlier tokens) set that scale for all, and the typical row loses its detail.
+    The table stays float when the median row's quantization error, relative to that row's
+    norm, exceeds TABLE_MAX_ERROR (a Gaussian table spread over ±5.5σ gives ~1.3 %).
+    """
+    if node.op_type != "Gather":
+        return None
+    table = constant_array(node.inputs[0])
+    if table is None or table.size == 0 or table.ndim == 0:
+        return None
+    axis = node.attributes.get_int("axis", 0) % table.ndim
+    key = (activation_type, axis, id(node.inputs[0].const_value))
+    cached = node.inputs[0].meta.get("onnxcomp.table_error")  # planning runs several times per pass
+    if cached is not None and cached[0] == key:
+        error, lo, hi = cached[1]
+    else:
+        rows = np.moveaxis(table.astype(np.float32), axis, 0).reshape(table.shape[axis], -1)
+        lo, hi = float(rows.min()), float(rows.max())
+        params = activation_params(lo, hi, activation_type)
+        scale, zero = float(params.scale), float(params.zero_point)
+        _, qmin, qmax = ACTIVATION_TYPES[activation_type]
+        restored = (np.clip(np.round(rows / scale) + zero, qmin, qmax) - zero) * scale
+        norms = np.linalg.norm(rows, axis=1)
+        errors = np.linalg.norm(restored - rows, axis=1) / np.where(norms > 0, norms, 1.0)
+        error = float(np.median(errors))
+        node.inputs[0].meta["onnxcomp.table_error"] = (key, (error, lo, hi))
+    if error <= TABLE_MAX_ERROR:
+        return None
+    return (f"table '{node.inputs[0].name}' {list(table.shape)} in int8 with one per-tensor scale (range "
+            f"[{lo:.3g}, {hi:.3g}]) would be off by {error:.1%} on the median row "
+            f"(limit {TABLE_MAX_ERROR:.0%}): the lookup stays float")
+
+
 def _foldable_into(act: ir.Node, roles: dict[ir.Node, str]) -> ir.Node | None:
     """The compute/qlinear producer a Relu (or Clip with min 0) can be folded into, or None."""
     x = act.inputs[0]
@@ -309,17 +366,88 @@ def _effective_producer(value: ir.Value, plan: StaticPlan) -> ir.Node | None:
     return plan.folded.get(producer, producer)
 
 
-def _drop_dead_end_qlinear(plan: StaticPlan, shared: set[ir.Node]) -> None:
-    """Keep a qlinear node (Add, Mul, …) only when its int8 output reaches another quantized node
-    (through data-movement ops, Relu/Clip): a QLinearAdd feeding only float ops (a residual Add
-    before LayerNorm) saves no Q/DQ and re-quantizes its inputs per tensor."""
+def _prune_qlinear(plan: StaticPlan, shared: set[ir.Node]) -> dict[ir.Node, str]:
+    """Take back to float the qlinear nodes (Add, Mul, Softmax, …) that would cost accuracy
+    without saving a rounding; return them with the reason. Repeated until nothing changes (a
+    node taken back can strand its neighbours):
+
+    - dead end: its int8 output reaches no other quantized node (a residual Add before
+      LayerNorm): a QLinear kernel there saves no Q/DQ and re-quantizes its inputs per tensor;
+    - float input: an activation input is a tensor that would otherwise stay float — the output
+      of an op without an int8 kernel (Erf, LayerNormalization, a graph input …) or of a
+      MatMul/Gemm that can keep a float output (MatMulIntegerToFloat / QGemm with float output)
+      because no Conv/MatMul/Gemm reads it. An int8 elementwise op there rounds that tensor once
+      more (and its own output again), where in float the chain is rounded once, in front of the
+      next Conv/MatMul/Gemm. This keeps a transformer's bias Adds, GELU, attention scale and
+      Softmax float and each MatMul fed by one rounding; in CNNs these ops read Conv outputs
+      (int8 anyway) and stay int8.
+    """
+    dropped: dict[ir.Node, str] = {}
     changed = True
     while changed:
         changed = False
         for node in [n for n, role in plan.roles.items() if role == "qlinear"]:
-            if not any(_reaches_quantized(o, plan, shared) for o in node.outputs):
+            why = _dead_end(node, plan, shared) or _float_input(node, plan, shared)
+            if why:
                 del plan.roles[node]
+                dropped[node] = why
                 changed = True
+    return dropped
+
+
+def _dead_end(node: ir.Node, plan: StaticPlan, shared: set[ir.Node]) -> str | None:
+    if any(_reaches_quantized(o, plan, shared) for o in node.outputs):
+        return None
+    return (f"its int8 output would reach no other quantized node: QLinear{node.op_type} would only "
+            f"re-quantize its inputs")
+
+
+def _float_input(node: ir.Node, plan: StaticPlan, shared: set[ir.Node]) -> str | None:
+    for i in data_inputs(node):
+        value = node.inputs[i]
+        if value is None or _int8_anyway(value, plan, shared):
+            continue
+        producer = value.producer()
+        if producer is None:
+            source = "a graph input"
+        elif plan.roles.get(producer) == "compute":
+            source = f"{producer.op_type} '{producer.name}', whose output can stay float (no Conv/MatMul/Gemm reads it)"
+        else:
+            source = f"{producer.op_type} '{producer.name}', which stays float"
+        return (f"input '{value.name}' comes from {source}: an int8 {node.op_type} would round it once more; "
+                f"in float the result is rounded once, before the next quantized node")
+    return None
+
+
+def _int8_anyway(value: ir.Value, plan: StaticPlan, shared: set[ir.Node]) -> bool:
+    """``value`` is quantized whatever its qlinear consumers become: a constant, the output of a
+    Conv or qlinear node (or a Relu/Clip folded into one), a MatMul/Gemm output some Conv/MatMul/
+    Gemm reads, or data movement of one of these."""
+    if constant_array(value) is not None:
+        return True
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type in ("Relu", "Clip") and _foldable_into(producer, plan.roles) is not None:
+        return True  # folded: its producer's output is quantized over the activation's range
+    role = plan.roles.get(producer)
+    if role == "qlinear":
+        return True
+    if role == "compute":
+        return producer.op_type not in ("MatMul", "Gemm") or _feeds_compute(value, plan, shared)
+    if producer in shared and producer.inputs[0] is not None:
+        return _int8_anyway(producer.inputs[0], plan, shared)
+    return False
+
+
+def _feeds_compute(value: ir.Value, plan: StaticPlan, shared: set[ir.Node]) -> bool:
+    """A quantized Conv/MatMul/Gemm reads ``value`` (directly or through data movement)."""
+    for consumer, index in value.uses():
+        if plan.roles.get(consumer) == "compute" and index in data_inputs(consumer):
+            return True
+        if consumer in shared and index == 0 and any(_feeds_compute(o, plan, shared) for o in consumer.outputs):
+            return True
+    return False
 
 
 def _reaches_quantized(value: ir.Value, plan: StaticPlan, shared: set[ir.Node]) -> bool:
@@ -338,15 +466,18 @@ def _add_shared(graph: ir.Graph, plan: StaticPlan, candidates: list[ir.Node]) ->
     while changed:
         changed = False
         for node in candidates:
-            if node in plan.roles:
-                continue
-            x = node.inputs[0]
-            neighbours = [_effective_producer(x, plan), *x.consumers()]
-            neighbours += [c for o in node.outputs for c in o.consumers()]
-            if any(n is not node and n in plan.roles for n in neighbours):
+            if node not in plan.roles and _touches_quantized(node, plan):
                 plan.roles[node] = "shared"
                 changed = True
     plan.roles = {n: plan.roles[n] for n in graph if n in plan.roles}  # graph order
+
+
+def _touches_quantized(node: ir.Node, plan: StaticPlan) -> bool:
+    """A quantized node produces ``node``'s data input, reads it too, or reads its output."""
+    x = node.inputs[0]
+    neighbours = [_effective_producer(x, plan), *x.consumers()]
+    neighbours += [c for o in node.outputs for c in o.consumers()]
+    return any(n is not node and n in plan.roles for n in neighbours)
 
 
 def _plan_tensors(plan: StaticPlan, types) -> None:
