@@ -5,7 +5,7 @@ that re-run it (sensitivity search, bias correction)::
     plan = plan_static(model, options)             # read-only: which nodes and tensors
     stats = calibrate_plan(model, plan, data, options)   # one streaming pass over the data
     ranges = plan_ranges(model, plan, stats, options)    # tensor -> (lo, hi)
-    apply_static(model, plan, ranges, options)     # the rewrite
+    apply_static(model, plan, ranges, options)     # qdq_rewrite: the rewrite
 
 Which nodes (onnxruntime's CPU QDQ selectors decide what fuses):
 - ``compute`` — Conv, MatMul, Gemm: DequantizeLinear on the activation, the int8 weight and the
@@ -39,31 +39,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
-from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range, tensor_values
+from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range
 from onnxcomp.data import Dataset
 from onnxcomp.passes.qdq import (
     ACTIVATION_TYPES,
-    Names,
-    QParams,
     activation_params,
-    add_initializer,
-    bias_params,
     constant_array,
-    dequantize_linear,
-    dequantized_constant,
     is_excluded,
     opset_version,
-    quantize_linear,
-    weight_params,
 )
 from onnxcomp.passes.qdq_prepare import value_types
 
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize import QuantizeStaticConfig
 
-__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable", "apply_static",
+__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable",
            "data_inputs",
            "COMPUTE_OPS", "QLINEAR_OPS", "SHARED_SCALE_OPS"]
 
@@ -202,39 +193,6 @@ def unquantizable(plan: StaticPlan, ranges: dict[str, tuple[float, float]],
             if consumer in plan.roles and index in data_inputs(consumer):
                 found[consumer] = why
     return found
-
-
-def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
-                 options: QuantizeStaticConfig) -> dict[str, QParams]:
-    """Rewrite ``model`` as planned; return the activation parameters of every quantized tensor."""
-    graph = model.graph
-    for act in plan.folded:
-        _fold_activation(graph, act)
-    names = Names(graph)
-    params = {t: activation_params(*ranges[plan.root(t)], options.activation_type) for t in plan.tensors}
-    stored: dict[str, tuple[ir.Value, ir.Value]] = {}  # root -> its scale and zero point initializers
-
-    def initializers_of(tensor: str) -> tuple[ir.Value, ir.Value]:
-        root = plan.root(tensor)
-        if root not in stored:
-            p = params[root]
-            stored[root] = (add_initializer(graph, names, f"{root}_scale", p.scale),
-                            add_initializer(graph, names, f"{root}_zero_point", p.zero_point))
-        return stored[root]
-
-    for node, role in plan.roles.items():
-        if role == "compute" and node.inputs[1].const_value is not None:
-            _quantize_weights(graph, names, node, params[node.inputs[0].name], options)
-    values = {**tensor_values(model), **graph.initializers}
-    for tensor in plan.tensors:
-        value = values[tensor]
-        if tensor in plan.constants:
-            _dequantize_constant(graph, names, value, params[tensor], plan)
-        else:
-            _insert_qdq(graph, names, value, *initializers_of(tensor), plan)
-    ir_common.RemoveUnusedNodesPass()(model)
-    ir_common.TopologicalSortPass()(model)
-    return params
 
 
 # --- planning helpers ---------------------------------------------------------------------------
@@ -516,104 +474,3 @@ def _plan_tensors(plan: StaticPlan, types) -> None:
 
 def _label(node: ir.Node) -> str:
     return f"{node.op_type} {node.name}" if node.name else node.op_type
-
-
-# --- rewrite helpers ----------------------------------------------------------------------------
-
-def _fold_activation(graph: ir.Graph, act: ir.Node) -> None:
-    """Remove ``act``; its producer's output takes the activation's output name."""
-    x, y = act.inputs[0], act.outputs[0]
-    name = y.name
-    x.type, x.shape = y.type or x.type, y.shape or x.shape  # an elementwise op: same type and shape
-    y.replace_all_uses_with(x, replace_graph_outputs=True)
-    graph.remove(act, safe=True)
-    x.name = name
-
-
-def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | None:
-    if not per_channel:
-        return None
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    return 1 if weight.ndim == 2 else None  # MatMul [K, N]: per output column
-
-
-def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options) -> None:
-    """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear."""
-    weight = node.inputs[1]
-    array = weight.const_value.numpy()
-    wp, wq = weight_params(array, _weight_axis(node, array, options.per_channel),
-                           method=options.weight_method, reduce_range=options.reduce_range)
-    node.replace_input_with(1, dequantized_constant(graph, names, weight.name, wq, wp, node))
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None:
-        bp, bq = bias_params(bias.const_value.numpy(), input_params.scale, wp)
-        node.replace_input_with(2, dequantized_constant(graph, names, bias.name, bq, bp, node, zero_point=False))
-
-
-def _dequantize_constant(graph: ir.Graph, names: Names, value: ir.Value, params: QParams, plan: StaticPlan) -> None:
-    """A constant read by quantized nodes: stored quantized, one DequantizeLinear per use."""
-    q = params.quantize(value.const_value.numpy())
-    for consumer, index in list(value.uses()):
-        if consumer in plan.roles and index in data_inputs(consumer):
-            consumer.replace_input_with(index, dequantized_constant(graph, names, value.name, q, params, consumer))
-
-
-def _insert_qdq(graph: ir.Graph, names: Names, value: ir.Value, scale: ir.Value, zero: ir.Value,
-                plan: StaticPlan) -> None:
-    """One QuantizeLinear after ``value``; a DequantizeLinear for each use that needs one.
-
-    Quantized consumers always read through Q/DQ. When ``value`` comes from a quantized node,
-    float consumers and the graph output do too (the producer must feed only its Q to fuse).
-    """
-    producer = value.producer()
-    from_quantized = producer in plan.roles
-    q_node = None
-
-    def dequantized(consumer: ir.Node | None = None) -> ir.Value:
-        nonlocal q_node
-        if q_node is None:
-            q_node = quantize_linear(value, scale, zero, names, value.name)
-            if producer is not None:
-                graph.insert_after(producer, q_node)
-            else:
-                graph.insert_before(next(iter(graph)), q_node)
-        s, z, axis = scale, zero, None
-        guard = _float_guard(consumer) if consumer is not None and consumer not in plan.roles else None
-        if guard is not None:
-            axis, channels = guard
-            s = add_initializer(graph, names, f"{scale.name}_per_axis", np.tile(scale.const_value.numpy(), channels))
-            z = add_initializer(graph, names, f"{zero.name}_per_axis", np.tile(zero.const_value.numpy(), channels))
-        dq = dequantize_linear(q_node.outputs[0], s, z, names, value.name, axis)
-        graph.insert_after(q_node, dq)
-        return dq.outputs[0]
-
-    for consumer, index in list(value.uses()):
-        if (consumer in plan.roles and index in data_inputs(consumer)) or from_quantized:
-            consumer.replace_input_with(index, dequantized(consumer if index == 0 else None))
-    if from_quantized and value.is_graph_output():
-        name = value.name
-        out = dequantized()
-        value.name = names(f"{name}_float")
-        graph.outputs[list(graph.outputs).index(value)] = out
-        out.name = name
-
-
-def _float_guard(node: ir.Node) -> tuple[int, int] | None:
-    """(axis, channels) for a per-axis DequantizeLinear in front of a float Conv/ConvTranspose/Gemm.
-
-    ORT quantizes such a node itself (WeightBiasQuantization: per-tensor weights) when its input
-    comes from a per-tensor DequantizeLinear and its output reaches a QuantizeLinear; the same
-    scale repeated along the channel axis reads the same values and keeps the node float.
-    """
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight is None or weight.ndim < 2:
-        return None
-    if node.op_type == "Conv":
-        return 1, weight.shape[1] * node.attributes.get_int("group", 1)
-    if node.op_type == "ConvTranspose":
-        return 1, weight.shape[0]
-    k = weight.shape[1] if node.attributes.get_int("transB", 0) else weight.shape[0]
-    return (0 if node.attributes.get_int("transA", 0) else 1), k

@@ -46,9 +46,9 @@ from onnxcomp.passes.qdq_accuracy import (
     sensitivity_search,
 )
 from onnxcomp.passes.qdq_prepare import prepare_static
+from onnxcomp.passes.qdq_rewrite import apply_static
 from onnxcomp.passes.qdq_static import (
     StaticPlan,
-    apply_static,
     calibrate_plan,
     plan_ranges,
     plan_static,
@@ -210,8 +210,10 @@ class QuantizeStatic(CompressionPass):
 
     Conv / MatMul / Gemm get per-channel int8 weights (Conv axis 0, MatMul axis 1, Gemm
     axis 0 if transB else 1) and int32 biases; Add, Mul, Concat, pools, Softmax, Sigmoid,
-    LeakyRelu and Where run as QLinear* kernels where their output feeds another quantized
-    node; data-movement ops share their input's scale; Relu/Clip(0, x) after a quantized node
+    LeakyRelu and Where run as QLinear* kernels where their inputs are int8 anyway (Conv or
+    QLinear outputs) and their output feeds another quantized node — after a MatMul/Gemm that
+    can keep a float output, or a float op, they stay float (one rounding, in front of the
+    next MatMul); data-movement ops share their input's scale; Relu/Clip(0, x) after a quantized node
     fold into its QuantizeLinear. Ops without an int8 CPU kernel (LayerNormalization, Gelu, …)
     and tensors wider than max_range (attention masks) stay float. Run cleanup first so
     BatchNormalization is folded into Conv.
