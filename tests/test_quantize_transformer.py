@@ -50,7 +50,8 @@ def test_raw_export_quantizes_every_matmul_and_nothing_elementwise(raw):
     # Q, K, V, QKᵀ, PV, attention output, FFN in, FFN out: 8 MatMuls in each of the 2 layers
     assert quant["compute"] == {"quantized": 16, "fused": 16}
     assert not set(quant["int8_kernels"]) & ELEMENTWISE_KERNELS
-    assert sum(quant["int8_kernels"].values()) == 16
+    assert sum(quant["int8_kernels"].values()) == 16 + 3  # + word, position, token-type embeddings
+    assert quant["int8_kernels"]["GatherBlockQuantized"] == 3
     assert quant["float_ops_reading_dequantized"] == {}  # no DequantizeLinear in front of a float op
     stats = next(p for p in raw.report["passes"] if p["name"] == "quantize_static")
     assert stats["metrics"]["quantized_ops"] == {"MatMul": 16, "Reshape": 8, "Transpose": 8}
@@ -126,7 +127,7 @@ IDS = {"ids": np.random.default_rng(1).integers(4, 200, (64, 12))}  # the outlie
 
 
 def test_embedding_lookup_is_int8_when_one_scale_fits_the_table():
-    result = static(embed_project(False), IDS, IDS)
+    result = static(embed_project(False), IDS, IDS, quantize_embeddings=False)
     quant = result.report["quantization"]
     assert quant["other"] == {"quantized": 1, "fused": 1}  # Gather moves int8 rows in onnxruntime
     table = next(n for n in result.model.graph if n.op_type == "Gather").inputs[0].producer().inputs[0]
@@ -136,14 +137,36 @@ def test_embedding_lookup_is_int8_when_one_scale_fits_the_table():
 
 
 def test_embedding_lookup_stays_float_when_a_few_rows_set_the_scale(monkeypatch):
-    result = static(embed_project(True), IDS, IDS)
+    result = static(embed_project(True), IDS, IDS, quantize_embeddings=False)
     why = skipped(result)["Gather embed"]
     assert why.startswith("table 'table' [200, 32] in int8 with one per-tensor scale") and "median row" in why
     gather = next(n for n in result.model.graph if n.op_type == "Gather")
     assert gather.inputs[0].const_value is not None and gather.inputs[0].dtype == ir.DataType.FLOAT
     assert result.report["quantization"]["fused_ratio"] == 1.0
     monkeypatch.setattr(qdq_static, "TABLE_MAX_ERROR", np.inf)  # the table int8 anyway
-    forced = static(embed_project(True), IDS, IDS)
+    forced = static(embed_project(True), IDS, IDS, quantize_embeddings=False)
     assert forced.report["quantization"]["other"] == {"quantized": 1, "fused": 1}
     error = [r.report["fidelity"]["mean_abs_error"] for r in (result, forced)]
     assert error[0] < error[1] / 5, error  # measured 0.0006 vs 0.0090
+
+
+def test_embeddings_are_block_quantized_by_default():
+    """The table a per-tensor scale cannot fit is fine with a scale per 128 values (GatherBlockQuantized)."""
+    result = static(embed_project(True), IDS, IDS)
+    ops = {n.op_type for n in result.model.graph}
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert result.report["quantization"]["fused_ratio"] == 1.0
+    assert result.report["fidelity"]["cosine"] > 0.9998  # the int8 MatMul included
+    stats = next(p for p in result.report["passes"] if p["name"] == "quantize_static")
+    assert stats["metrics"]["quantize_embeddings"]["bytes_after"] < stats["metrics"]["quantize_embeddings"]["bytes_before"] / 3
+
+
+def test_quantize_dynamic_block_quantizes_embeddings():
+    recipe = {"passes": ["cleanup", {"quantize_dynamic": {}}]}
+    result = compress(TINY / "tiny_bert.onnx", recipe, val=TINY / "val.npz", latency_runs=0)
+    assert result.report["quantization"]["int8_kernels"]["GatherBlockQuantized"] == 3
+    assert result.report["fidelity"]["cosine"] > 0.999
+    recipe = {"passes": ["cleanup", {"quantize_dynamic": {"quantize_embeddings": False}}]}
+    tables_float = compress(TINY / "tiny_bert.onnx", recipe, val=TINY / "val.npz", latency_runs=0)
+    size = [r.report["compressed"]["size_bytes"] for r in (result, tables_float)]
+    assert size[0] < 0.7 * size[1], size  # tiny tables: 0.62 here; MiniLM 0.26x vs 0.65x overall

@@ -54,6 +54,7 @@ from onnxcomp.passes.qdq_static import (
     plan_static,
     unquantizable,
 )
+from onnxcomp.passes.quantize_weights import QuantizeWeightsConfig, quantize_gathers
 from onnxcomp.registry import register
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ _REDUCE_RANGE_HELP = (
     "set false for models deployed on VNNI or ARM CPUs")
 _EXCLUDE_HELP = ("keep these nodes in float: fnmatch globs on node names, e.g. ['/head/*']. An excluded "
                  "Add/Mul/pool whose neighbours are all quantized may still be fused by ORT (same numbers)")
+
+_EMBEDDINGS_HELP = ("Gather on a constant 2-D table (an embedding) -> onnxruntime GatherBlockQuantized, int8 "
+                    "with a scale and zero point per embedding_block_size values (error ~0.1 %; per-tensor int8 "
+                    "as onnxruntime's quantizer does loses ~3 % on BERT's word table)")
 
 
 class QuantizeStaticConfig(PassConfig):
@@ -104,6 +109,8 @@ class QuantizeStaticConfig(PassConfig):
         False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
                            "on the calibration data, return the most harmful quantized nodes to float "
                            "(leave-one-out ranking); the chosen set is reported")
+    quantize_embeddings: bool = Field(True, description=_EMBEDDINGS_HELP)
+    embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
     sensitivity_samples: int = Field(64, ge=1, description="calibration samples the sensitivity search evaluates "
                                                            "each trial on (one trial per quantized node, then a bisection)")
 
@@ -115,6 +122,8 @@ class QuantizeDynamicConfig(PassConfig):
     reduce_range: bool | Literal["auto"] = Field("auto", description=_REDUCE_RANGE_HELP)
     exclude_nodes: tuple[str, ...] = Field((), description=_EXCLUDE_HELP)
     exclude_ops: tuple[str, ...] = Field((), description="keep all nodes of these op types in float")
+    quantize_embeddings: bool = Field(True, description=_EMBEDDINGS_HELP)
+    embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
 
 
 @dataclasses.dataclass
@@ -144,6 +153,8 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
     """
     _check_opset(model, "quantize_static")
     tools = []
+    if config.quantize_embeddings:
+        tools.append(quantize_embeddings(model, config))
     if config.equalize:
         tools.append(equalize_model(model, stats=PassStats("equalize")))
     if config.smooth_quant is not None:
@@ -249,12 +260,30 @@ class QuantizeDynamic(CompressionPass):
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         _check_opset(model, self.name)
+        if self.config.quantize_embeddings:
+            _merge_tool(stats, quantize_embeddings(model, self.config))
         for what, why in quantize_dynamic_model(model, self.config):
             if why:
                 stats.skip(what, why)
             else:
                 stats.touch(what)
         _note_reduce_range(self.config, stats)
+
+
+def quantize_embeddings(model: ir.Model, config: QuantizeStaticConfig | QuantizeDynamicConfig) -> PassStats:
+    """Embedding tables -> GatherBlockQuantized int8 (the ``quantize_embeddings`` option)."""
+    stats = PassStats("quantize_embeddings")
+    cfg = QuantizeWeightsConfig(bits=8, block_size=config.embedding_block_size, exclude=config.exclude_nodes)
+    before, after = quantize_gathers(model, cfg, stats)
+    stats.metrics.update(bytes_before=before, bytes_after=after)
+    return stats
+
+
+def _merge_tool(stats: PassStats, tool: PassStats) -> None:
+    """A helper step's stats, prefixed with its name, into the pass's stats."""
+    stats.notes.append(f"{tool.name}: " + ("; ".join(tool.touched) or "; ".join(tool.notes) or "nothing changed"))
+    stats.skipped.extend((what, f"{tool.name}: {why}") for what, why in tool.skipped)
+    stats.metrics[tool.name] = tool.metrics
 
 
 def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> list[tuple[str, str | None]]:
@@ -332,9 +361,7 @@ def _dynamic_matmul(graph: ir.Graph, names: Names, node: ir.Node, config: Quanti
 def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticConfig, stats: PassStats) -> None:
     plan = result.plan
     for tool in result.tools:
-        stats.notes.append(f"{tool.name}: " + ("; ".join(tool.touched) or "; ".join(tool.notes) or "nothing changed"))
-        stats.skipped.extend((what, f"{tool.name}: {why}") for what, why in tool.skipped)
-        stats.metrics[tool.name] = tool.metrics
+        _merge_tool(stats, tool)
     stats.notes.extend(result.rewrites)
     for what, why in plan.skipped:
         stats.skip(what, why)

@@ -110,7 +110,7 @@ class QuantizeWeights(CompressionPass):
             stats.notes.append("rel. error: " + ("output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
                                                  if hessians else "weight error |dW|^2/|W|^2"))
         if cfg.quantize_embeddings:
-            b, a = self._quantize_gathers(model, stats)
+            b, a = quantize_gathers(model, cfg, stats)
             bytes_before, bytes_after = bytes_before + b, bytes_after + a
         else:
             stats.notes.append("embeddings (Gather) left in float: "
@@ -138,7 +138,7 @@ class QuantizeWeights(CompressionPass):
         if array.ndim != 2:
             stats.skip(what, f"weight has rank {array.ndim}; MatMulNBits needs a 2-D weight")
             return None
-        if self._excluded(node, b):
+        if _excluded(self.config, node, b):
             stats.skip(what, "excluded by name")
             return None
         if array.size < self.config.min_size:
@@ -147,10 +147,6 @@ class QuantizeWeights(CompressionPass):
         if node.op_type == "MatMul":
             return _Target(node, array.T.astype(np.float64), array.dtype)
         return _gemm_target(node, array, what, stats)
-
-    def _excluded(self, node: ir.Node, weight: ir.Value) -> bool:
-        names = (node.name or "", weight.name or "")
-        return any(fnmatch.fnmatchcase(n, p) for p in self.config.exclude for n in names)
 
     # -- calibration -----------------------------------------------------------------------------
 
@@ -163,37 +159,42 @@ class QuantizeWeights(CompressionPass):
         collect(model, data, {name: [g] for name, g in grams.items()}, batch_size=self.context.batch_size)
         return {name: g.xtx / max(g.count, 1) for name, g in grams.items() if g.xtx is not None}
 
-    # -- embeddings ------------------------------------------------------------------------------
 
-    def _quantize_gathers(self, model: ir.Model, stats: PassStats) -> tuple[int, int]:
-        """Gather on axis 0 of constant 2-D float tables -> GatherBlockQuantized; returns bytes before/after."""
-        cfg: QuantizeWeightsConfig = self.config
-        before = after = 0
-        names = Names(model.graph)
-        for node in list(model.graph):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-                continue
-            table = node.inputs[0]
-            if table is None or table.const_value is None or table.is_graph_input() \
-                    or table.const_value.dtype not in _FLOAT_TYPES:
-                continue  # shape arithmetic and the like: not an embedding
-            what = f"Gather {node.name}"
-            array = table.const_value.numpy()
-            reason = _gather_skip_reason(node, array, cfg)
-            if reason is None and self._excluded(node, table):
-                reason = "excluded by name"
-            if reason:
-                stats.skip(what, reason)
-                continue
-            quant = quantize_rtn(array.astype(np.float64), cfg.bits, cfg.block_size, cfg.symmetric, array.dtype,
-                                 search=cfg.range_search)
-            before += array.nbytes
-            after += _rewrite_gather(model.graph, names, node, quant, cfg)
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            stats.touch(f"{what}: {array.shape[0]}x{array.shape[1]} table -> GatherBlockQuantized "
-                        f"{cfg.bits}-bit/{cfg.block_size} (rtn), rel. error "
-                        f"{relative_error(array.astype(np.float64), quant.dequantize()):.2e}")
-        return before, after
+def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassStats) -> tuple[int, int]:
+    """Gather on axis 0 of constant 2-D float tables -> GatherBlockQuantized at ``cfg.bits`` /
+    ``cfg.block_size`` (round to nearest); returns the table bytes before and after. Shared by
+    quantize_weights and the int8 passes (their ``quantize_embeddings`` option)."""
+    before = after = 0
+    names = Names(model.graph)
+    for node in list(model.graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        table = node.inputs[0]
+        if table is None or table.const_value is None or table.is_graph_input() \
+                or table.const_value.dtype not in _FLOAT_TYPES:
+            continue  # shape arithmetic and the like: not an embedding
+        what = f"Gather {node.name}"
+        array = table.const_value.numpy()
+        reason = _gather_skip_reason(node, array, cfg)
+        if reason is None and _excluded(cfg, node, table):
+            reason = "excluded by name"
+        if reason:
+            stats.skip(what, reason)
+            continue
+        quant = quantize_rtn(array.astype(np.float64), cfg.bits, cfg.block_size, cfg.symmetric, array.dtype,
+                             search=cfg.range_search)
+        before += array.nbytes
+        after += _rewrite_gather(model.graph, names, node, quant, cfg)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        stats.touch(f"{what}: {array.shape[0]}x{array.shape[1]} table -> GatherBlockQuantized "
+                    f"{cfg.bits}-bit/{cfg.block_size} (rtn), rel. error "
+                    f"{relative_error(array.astype(np.float64), quant.dequantize()):.2e}")
+    return before, after
+
+
+def _excluded(cfg: QuantizeWeightsConfig, node: ir.Node, weight: ir.Value) -> bool:
+    names = (node.name or "", weight.name or "")
+    return any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude for n in names)
 
 
 @dataclasses.dataclass
