@@ -176,11 +176,15 @@ def collect(
     *,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    memory_budget: int = 256 << 20,
 ) -> None:
     """Run ``model`` on ``data`` and feed each wanted tensor to its reducers, batch by batch.
 
     ``reducers`` maps tensor names (graph inputs, node outputs of the main graph) to
     reducers. ``model`` is not modified. ``progress(done, total)`` is called per batch.
+    Memory stays flat in the number of batches, and the batch is sized so that one batch of
+    the wanted tensors stays under ``memory_budget`` bytes (measured on the first sample;
+    never above ``batch_size``; models with a static batch keep theirs).
     """
     names = list(reducers)
     if not names:
@@ -199,21 +203,40 @@ def collect(
             value.type = ir.TensorType(ir.DataType.FLOAT)
         probe.graph.outputs.append(value)
         existing.add(name)
-    total = -(-len(data) // (data.fixed_batch or batch_size))
     with open_session(probe, session_options(level="basic"), what="calibration model") as session:
         input_names = {i.name for i in session.get_inputs()}
         fetch = [n for n in names if n not in input_names]
-        for index, (feed, outputs) in enumerate(
-            zip(data.batches(batch_size), run_batches(session, data.batches(batch_size), fetch))
-        ):
+        done = 0
+
+        def feed_reducers(feed: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+            nonlocal done
             arrays = dict(zip(fetch, outputs))
             for name in names:
                 array = arrays[name] if name in arrays else feed[name]
                 for reducer in reducers[name]:
                     reducer.update(array)
-            del arrays, outputs
+            done += 1
             if progress:
-                progress(index + 1, total)
+                progress(done, max(done, -(-len(data) // (data.fixed_batch or batch_size))))
+
+        if data.fixed_batch:
+            for feed, outputs in zip(data.batches(batch_size), run_batches(session, data.batches(batch_size), fetch)):
+                feed_reducers(feed, outputs)
+            return
+        start, size = 0, batch_size
+        first = {k: v[:1] for k, v in data.inputs.items()}
+        try:  # one sample first: size the batches to the memory budget
+            outputs = next(run_batches(session, [first], fetch)) if len(data) > 1 else None
+        except OnnxcompError:  # a graph with a static batch dim inside: keep batch_size
+            outputs = None
+        if outputs is not None:
+            per_sample = max(sum(a.nbytes for a in outputs), 1)
+            feed_reducers(first, outputs)
+            del outputs
+            start, size = 1, max(1, min(batch_size, memory_budget // per_sample))
+        for begin in range(start, len(data), size):
+            feed = {k: v[begin : begin + size] for k, v in data.inputs.items()}
+            feed_reducers(feed, next(run_batches(session, [feed], fetch)))
 
 
 def tensor_values(model: ir.Model) -> dict[str, ir.Value]:
