@@ -229,11 +229,10 @@ def collect(
             outputs = next(run_batches(session, [first], fetch)) if len(data) > 1 else None
         except OnnxcompError:  # a graph with a static batch dim inside: keep batch_size
             outputs = None
-        if outputs is not None:
+        if outputs is not None:  # not fed to the reducers: the batches stay those of batch_size when it fits
             per_sample = max(sum(a.nbytes for a in outputs), 1)
-            feed_reducers(first, outputs)
             del outputs
-            start, size = 1, max(1, min(batch_size, memory_budget // per_sample))
+            size = max(1, min(batch_size, memory_budget // per_sample))
         for begin in range(start, len(data), size):
             feed = {k: v[begin : begin + size] for k, v in data.inputs.items()}
             feed_reducers(feed, next(run_batches(session, [feed], fetch)))

@@ -137,16 +137,18 @@ def act_matmuls(path):
 
 
 # ---------------------------------------------------------------- evaluation (child process)
-def paired_latency(sess, ref, feed, runs):
+def paired_latency(sess, ref, feed, runs, outputs=("sentence_embedding",)):
     """Median wall and CPU (process_time, all threads) seconds per run of sess and of ref on feed,
-    runs alternating with the order flipped each round. Returns (wall, cpu, ref_wall, ref_cpu)."""
+    runs alternating with the order flipped each round. Returns (wall, cpu, ref_wall, ref_cpu).
+    outputs: the outputs fetched (None: all)."""
+    outputs = None if outputs is None else list(outputs)
     for _ in range(WARMUP):
-        sess.run(["sentence_embedding"], feed), ref.run(["sentence_embedding"], feed)
+        sess.run(outputs, feed), ref.run(outputs, feed)
     ts = [[], [], [], []]
     for i in range(runs):
         for j in ((0, 1) if i % 2 else (1, 0)):
             t, c = time.perf_counter(), time.process_time()
-            (sess, ref)[j].run(["sentence_embedding"], feed)
+            (sess, ref)[j].run(outputs, feed)
             ts[2 * j].append(time.perf_counter() - t)
             ts[2 * j + 1].append(time.process_time() - c)
     return [float(np.median(x)) for x in ts]
