@@ -223,7 +223,7 @@ def collect(
             for feed, outputs in zip(data.batches(batch_size), run_batches(session, data.batches(batch_size), fetch)):
                 feed_reducers(feed, outputs)
             return
-        start, size = 0, batch_size
+        size = batch_size
         first = {k: v[:1] for k, v in data.inputs.items()}
         try:  # one sample first: size the batches to the memory budget
             outputs = next(run_batches(session, [first], fetch)) if len(data) > 1 else None
@@ -233,7 +233,7 @@ def collect(
             per_sample = max(sum(a.nbytes for a in outputs), 1)
             del outputs
             size = max(1, min(batch_size, memory_budget // per_sample))
-        for begin in range(start, len(data), size):
+        for begin in range(0, len(data), size):
             feed = {k: v[begin : begin + size] for k, v in data.inputs.items()}
             feed_reducers(feed, next(run_batches(session, [feed], fetch)))
 
