@@ -1,7 +1,8 @@
 """The neutral graph toolkit every pass family shares (onnx-ir graphs, no protobuf).
 
 - constants: :func:`constant_array`, :func:`add_initializer`, :class:`Names` (fresh names);
-- placement: :func:`insert_at_producer` (a new node right after the producer of a value);
+- placement: :func:`insert_at_producer` (a new node right after the producer of a value),
+  :func:`replace_node` (a node by a chain of new nodes that takes over its output);
 - naming: :func:`label` ("OpType name", the one form stats use);
 - the **layer view**: :class:`Layer` — the weight of a MatMul / Gemm / Conv in its logical
   layout (output channels first: ``[out, in]`` or ``[out, in/group, *kernel]``) wherever and
@@ -29,6 +30,7 @@ __all__ = [
     "Names",
     "add_initializer",
     "insert_at_producer",
+    "replace_node",
     "label",
     "opset_version",
     "all_nodes",
@@ -98,6 +100,49 @@ def insert_at_producer(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
         graph.insert_before(next(iter(graph)), node)
     else:
         graph.append(node)
+
+
+def replace_node(node: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
+    """Replace the single-output ``node`` by ``new_nodes`` (inserted in order where it was).
+
+    ``output`` (produced by one of ``new_nodes``) takes over the old output: its readers, its
+    graph-output role, its name, and its type/shape when ``output`` has none. Whatever only fed
+    ``node`` is removed too: initializers nothing reads any more, and nodes (a weight's Transpose,
+    a Constant) none of whose outputs is read any more.
+    """
+    if len(node.outputs) != 1:
+        raise ValueError(f"replace_node: {label(node)} has {len(node.outputs)} outputs")
+    graph, old = node.graph, node.outputs[0]
+    for new in new_nodes:
+        graph.insert_before(node, new)
+    old.replace_all_uses_with(output, replace_graph_outputs=True)
+    inputs = [v for v in node.inputs if v is not None]
+    graph.remove(node, safe=True)
+    name = old.name
+    old.name = None
+    output.name = name
+    if output.type is None:
+        output.type = old.type
+    if output.shape is None and old.shape is not None:
+        output.shape = old.shape
+    for value in inputs:
+        _drop_dead(value)
+
+
+def _drop_dead(value: ir.Value) -> None:
+    """Remove the initializer or the producer node of ``value`` once nothing reads it (recursively)."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    producer = value.producer()
+    if producer is None:
+        _drop_if_unused(value)
+        return
+    if producer.graph is None or any(o.uses() or o.is_graph_output() for o in producer.outputs):
+        return
+    inputs = [v for v in producer.inputs if v is not None]
+    producer.graph.remove(producer, safe=True)
+    for v in inputs:
+        _drop_dead(v)
 
 
 def label(node: ir.Node) -> str:
@@ -196,7 +241,8 @@ class Layer:
         value, transpose = node.inputs[1], None
         producer = value.producer()
         if producer is not None and producer.op_type == "Transpose" and node.op_type != "Conv" \
-                and is_standard(producer) and constant_array(value) is None:
+                and is_standard(producer) and constant_array(value) is None \
+                and constant_array(producer.inputs[0]) is not None:
             perm = producer.attributes.get_ints("perm", None)
             if perm is not None and list(perm) != [1, 0]:
                 return f"weight behind a Transpose with perm {list(perm)}"

@@ -91,7 +91,7 @@ def compress(
     calib_data = load_data(calib, original) if calib is not None else None
     val_data = load_data(val, original) if val is not None else None
     for step in recipe.steps:  # fail before any work when data is missing
-        if get_pass(step.name).needs_calibration and calib_data is None:
+        if get_pass(step.name).calibration_needed(step.config) and calib_data is None:
             raise OnnxcompError(f"{recipe.source}: pass '{step.name}' needs calibration data: pass --calib DATA.npz")
 
     with open_session(original, what="original model"):

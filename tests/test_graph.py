@@ -159,3 +159,28 @@ def test_names_constants_insert_and_label():
     neg = ir.Node("", "Neg", [x], outputs=[ir.Value(name="n")], name="neg")
     insert_at_producer(model.graph, x, neg)
     assert next(iter(model.graph)) is neg and label(neg) == "Neg neg"
+
+
+def test_replace_node_by_a_chain_takes_over_the_output_and_drops_dead_inputs():
+    w = RNG.normal(size=(4, 6))  # stored [out, in] behind a Transpose
+    model = _model([helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0], name="t"),
+                    helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")], {"w": w}, [2, 6], [2, 4])
+    layer = _only_layer(model)
+    graph, names = model.graph, Names(model.graph)
+    from onnxcomp.graph import add_initializer, replace_node
+
+    b = add_initializer(graph, names, "b", np.eye(6, 3, dtype=np.float32))
+    a = add_initializer(graph, names, "a", np.ones((3, 4), np.float32))
+    first = ir.Node("", "MatMul", [layer.input, b], name=names("first"))
+    second = ir.Node("", "MatMul", [first.outputs[0], a], name=names("second"))
+    replace_node(layer.node, [first, second], second.outputs[0])
+    assert [n.op_type for n in graph] == ["MatMul", "MatMul"]  # the Transpose went with the MatMul
+    assert set(graph.initializers) == {"b", "a"} and [o.name for o in graph.outputs] == ["y"]
+    x = RNG.normal(size=(2, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x)[0], x[:, :3].sum(axis=1, keepdims=True) * np.ones((1, 4)), rtol=1e-5)
+
+
+def test_matmul_reading_a_transposed_activation_is_not_a_layer():
+    model = _model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+                    helper.make_node("MatMul", ["x", "xt"], ["y"], name="mm")], {}, [2, 2], [2, 2])
+    assert find_layers(model.graph)[1] == [("MatMul mm", "weight is not a constant")]

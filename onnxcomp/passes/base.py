@@ -99,6 +99,11 @@ class CompressionPass(ir.passes.InPlacePass):
     Config: ClassVar[type[PassConfig]]
     needs_calibration: ClassVar[bool] = False
 
+    @classmethod
+    def calibration_needed(cls, config: PassConfig) -> bool:
+        """Whether this pass, with ``config``, needs calibration data (checked before any work)."""
+        return cls.needs_calibration
+
     def __init__(self, config: PassConfig | dict | None = None, context: PassContext | None = None):
         super().__init__()
         if config is None:

@@ -1,0 +1,359 @@
+"""``svd_split``: a MatMul/Gemm with a constant weight becomes two thin MatMuls through rank k.
+
+Rewrite rule. The layer computes ``y = x·Wᵀ (+ b)`` with ``W`` its logical ``[out, in]`` weight
+(:class:`onnxcomp.graph.Layer`: any storage, Gemm ``transB``/``alpha``/``beta`` folded). With the
+truncated SVD of ``M = W·S`` (``S`` = identity for ``plain``) written ``U_k Σ_k V_kᵀ``::
+
+    A = U_k·√Σ_k              [out, k]
+    B = √Σ_k·V_kᵀ·S⁻¹          [k, in]        W ≈ A·B
+    MatMul(x, W_stored)  ->  MatMul(MatMul(x, Bᵀ), Aᵀ)       (any input rank: MatMul broadcasts)
+    Gemm(x, W, C)        ->  Gemm(MatMul(x, Bᵀ), Aᵀ, b)       (transA: the first factor is a Gemm)
+
+A MatMul's bias Add stays where it is, after the second factor. The two nodes carry
+``metadata_props["onnxcomp.lowrank"] = "<original node>:B"`` (first, input side) and ``":A"``
+(second, output side), so later passes (distillation) can find the pairs.
+
+Methods (``S``):
+- ``plain``: ``S = I`` — the best rank-k approximation of the weight itself.
+- ``whitened`` (SVD-LLM's truncation-aware whitening): ``S`` = the Cholesky factor of ``XᵀX + λI``
+  over the calibration activations ``X`` of the layer's input (``λ = damping·mean(diag XᵀX)``).
+  Then ``‖X·(W − Ŵ)ᵀ‖_F = ‖(M − M_k)‖_F``: truncating ``M``'s smallest singular values is exactly
+  the smallest output error on the calibration data, and ``σ_i²`` is the output energy dropped.
+- ``asvd`` (ASVD): ``S = diag(s)``, ``s_j = rms(x_j)^alpha`` per input channel (from the same
+  Gram diagonal): channels carrying large activations keep more of their weights.
+
+Rank: ``rank`` (one k for every layer), ``energy`` (the smallest k keeping that share of
+``Σσ²`` of ``M``), or ``param_ratio`` (``k = ⌊ratio·mn/(m+n)⌋``; the default, 0.5). With
+``budget: global`` one parameter budget (``param_ratio`` of all selected layers' parameters)
+goes to the singular values with the largest share of their layer's energy per parameter they
+cost (``m+n``); layers left nearly full rank are kept dense and the rest re-allocated.
+
+A layer is split only where ``k(m+n) < (1 − min_saving)·mn`` and, with ``require_speedup``, only
+where the two MatMuls are faster than the dense one in onnxruntime for every row count of
+``speed_rows`` (:mod:`onnxcomp.passes.lowrank_speed`, measured once per shape and cached).
+That measurement depends on the machine and its load: it is recorded in the stats, and a cache
+file makes the decision repeatable on one machine; ``require_speedup: false`` makes the output a
+pure function of the model, the recipe and the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, model_validator
+from scipy import linalg
+
+from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.lowrank_speed import DEFAULT_CACHE, matmul_split_ratio
+from onnxcomp.registry import register
+
+__all__ = ["SvdSplit", "SvdSplitConfig", "LOWRANK_KEY", "truncated_factors"]
+
+LOWRANK_KEY = "onnxcomp.lowrank"
+
+
+class SvdSplitConfig(PassConfig, NodeSelection):
+    method: Literal["plain", "whitened", "asvd"] = Field(
+        "plain", description="plain SVD of W; whitened (SVD-LLM, needs --calib); asvd (activation scaling, needs --calib)")
+    rank: int | None = Field(None, ge=1, description="keep this many singular values in every layer")
+    energy: float | None = Field(None, gt=0, le=1, description="keep the smallest k whose share of sum(sigma^2) >= energy")
+    param_ratio: float | None = Field(None, gt=0, lt=1, description="target share of each layer's parameters "
+                                      "(default 0.5 when no rank/energy is set)")
+    budget: Literal["layer", "global"] = Field(
+        "layer", description="layer: every layer at param_ratio; global: one budget of param_ratio of all "
+                             "selected parameters, spent where it keeps the most energy per parameter")
+    min_saving: float = Field(0.0, ge=0, lt=1, description="split only where k(m+n) < (1 - min_saving)*m*n")
+    alpha: float = Field(0.5, ge=0, le=2, description="asvd: exponent of the per-channel activation scale")
+    damping: float = Field(1e-4, gt=0, le=1, description="whitened: lambda = damping * mean(diag(X^T X))")
+    require_speedup: bool = Field(True, description="split only where onnxruntime runs the two MatMuls faster "
+                                                    "than the dense one (measured per shape, cached)")
+    speed_rows: tuple[int, ...] = Field((1, 256), min_length=1, description="activation rows (batch x tokens) the "
+                                        "speed check measures; the split must win at every one")
+    speed_cache: str | None = Field(DEFAULT_CACHE, description="JSON file caching speed measurements "
+                                    "(null: memory only)")
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> SvdSplitConfig:
+        given = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set one of rank, energy, param_ratio (got {' and '.join(given)})")
+        if self.budget == "global" and given and given[0] != "param_ratio":
+            raise ValueError("budget 'global' spends a param_ratio across layers: set param_ratio, not " + given[0])
+        if any(r < 1 for r in self.speed_rows):
+            raise ValueError("speed_rows must be positive")
+        return self
+
+    @property
+    def ratio(self) -> float | None:
+        """The parameter ratio in force (None when rank or energy decides)."""
+        if self.rank is None and self.energy is None:
+            return self.param_ratio if self.param_ratio is not None else 0.5
+        return None
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One layer, its SVD in the method's space, and the rank chosen for it."""
+
+    layer: Layer
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    unscale: Callable[[np.ndarray], np.ndarray]  # B_scaled [k, in] -> B = B_scaled·S⁻¹
+    k: int = 0
+
+    @property
+    def m(self) -> int:
+        return self.layer.out_features
+
+    @property
+    def n(self) -> int:
+        return self.layer.shape[1]
+
+    def kept_energy(self, k: int) -> float:
+        total = float(np.sum(self.s**2))
+        return float(np.sum(self.s[:k] ** 2) / total) if total > 0 else 1.0
+
+
+@register
+class SvdSplit(CompressionPass):
+    name = "svd_split"
+    summary = "MatMul/Gemm -> two MatMuls through rank k (plain / whitened / asvd SVD), only where it pays"
+    Config = SvdSplitConfig
+
+    @classmethod
+    def calibration_needed(cls, config: SvdSplitConfig) -> bool:
+        return config.method != "plain"
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        cfg: SvdSplitConfig = self.config
+        layers, skipped = find_layers(model.graph, cfg, ops=("MatMul", "Gemm"))
+        for what, why in skipped:
+            stats.skip(what, why)
+        stats.notes.extend(f"selection entry '{p}' matches no node" for p in cfg.unmatched(model.graph))
+        eligible = []
+        for layer in layers:
+            why = _why_not(layer)
+            if why:
+                stats.skip(layer.label, why)
+            else:
+                eligible.append(layer)
+        scales = self._scales(model, eligible, stats) if cfg.method != "plain" and eligible else {}
+        plans = []
+        for layer in eligible:
+            scale = scales.get(layer.label) if cfg.method != "plain" else None
+            if cfg.method != "plain" and scale is None:
+                stats.skip(layer.label, "no calibration activations for its input (inside a subgraph)")
+                continue
+            plans.append(_plan(layer, cfg.method, scale, cfg))
+        if cfg.budget == "global":
+            _global_ranks(plans, cfg, stats)
+        else:
+            for plan in plans:
+                plan.k = _layer_rank(plan, cfg)
+        ranks, energy, speed = {}, {}, {}
+        names = Names(model.graph)
+        for plan in plans:
+            label, m, n, k = plan.layer.label, plan.m, plan.n, plan.k
+            if k <= 0:
+                continue  # kept dense by the global allocation (already recorded)
+            if k * (m + n) >= (1 - cfg.min_saving) * m * n:
+                stats.skip(label, f"rank {k} would not save parameters: k(m+n) = {k * (m + n)} >= "
+                                  f"{'' if cfg.min_saving == 0 else f'(1 - {cfg.min_saving}) * '}mn = {m * n}")
+                continue
+            if cfg.require_speedup:
+                dtype = str(constant_array(plan.layer.weight_value).dtype)
+                measured = {r: matmul_split_ratio(m, n, k, r, dtype=dtype, cache=cfg.speed_cache) for r in cfg.speed_rows}
+                speed[label] = {str(r): ratio for r, (ratio, _) in measured.items()}
+                slow = [f"{ratio:.2f}x at {r} rows" for r, (ratio, _) in measured.items() if ratio >= 1.0]
+                if slow:
+                    stats.skip(label, f"rank {k} is not faster in onnxruntime (split/dense time {', '.join(slow)})")
+                    continue
+            _apply(plan, names)
+            ranks[label], energy[label] = k, round(plan.kept_energy(k), 6)
+            stats.touch(f"{label}: {m}x{n} -> rank {k} ({k * (m + n)}/{m * n} params, "
+                        f"{'output ' if cfg.method == 'whitened' else ''}energy kept {energy[label]:.4f})")
+        stats.metrics.update(method=cfg.method, ranks=ranks, energy_kept=energy)
+        if cfg.require_speedup:
+            stats.metrics["speed_ratio"] = speed
+            stats.notes.append("speed check: split/dense onnxruntime time per layer shape and row count "
+                               f"(< 1 = split faster), rows {list(cfg.speed_rows)}; cached in {cfg.speed_cache}")
+
+    # -- calibration -----------------------------------------------------------------------------
+
+    def _scales(self, model: ir.Model, layers: list[Layer], stats: PassStats) -> dict[str, tuple]:
+        """Per layer label: ("whitened", L) or ("asvd", s), from one calibration run (Gram of each input)."""
+        from onnxcomp.calibrate import Gram, collect, tensor_values
+
+        cfg: SvdSplitConfig = self.config
+        data = self.context.require_calib(f"svd_split (method {cfg.method})")
+        known = tensor_values(model)
+        grams: dict[tuple[str, bool], Gram] = {}
+        for layer in layers:
+            if known.get(layer.input.name) is layer.input:
+                grams.setdefault((layer.input.name, _trans_a(layer)), Gram())
+        reducers: dict[str, list] = {}
+        for (name, trans), gram in grams.items():
+            reducers.setdefault(name, []).append(_Transposed(gram) if trans else gram)
+        collect(model, data, reducers, batch_size=self.context.batch_size)
+        out = {}
+        for layer in layers:
+            gram = grams.get((layer.input.name, _trans_a(layer)))
+            if gram is None or gram.xtx is None:
+                continue
+            g = gram.xtx / max(gram.count, 1)
+            if cfg.method == "whitened":
+                chol, used = _cholesky(g, cfg.damping)
+                if used != cfg.damping:
+                    stats.notes.append(f"{layer.label}: X^T X needed damping {used:g} to factorize")
+                out[layer.label] = ("whitened", chol)
+            else:
+                rms = np.sqrt(np.maximum(np.diag(g), 0.0))
+                s = np.maximum(rms, 1e-3 * rms.max() if rms.max() > 0 else 1.0) ** cfg.alpha
+                out[layer.label] = ("asvd", s)
+        return out
+
+
+def truncated_factors(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain rank-k split of a logical ``[out, in]`` weight: ``A = U_k√Σ_k`` [out, k], ``B = √Σ_k V_kᵀ`` [k, in]."""
+    u, s, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    root = np.sqrt(s[:k])
+    return u[:, :k] * root, root[:, None] * vt[:k]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+class _Transposed:
+    """Feeds a Gemm transA=1 input ([in, rows]) to a Gram reducer as [rows, in]."""
+
+    def __init__(self, gram):
+        self.gram = gram
+
+    def update(self, array: np.ndarray) -> None:
+        self.gram.update(np.asarray(array).T)
+
+
+def _trans_a(layer: Layer) -> bool:
+    return layer.node.op_type == "Gemm" and bool(layer.node.attributes.get_int("transA", 0))
+
+
+def _why_not(layer: Layer) -> str | None:
+    if layer.shared:
+        return "weight shared with other nodes (factors would not replace it)"
+    node = layer.node
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and layer.bias() is None:
+        return "Gemm C is not a per-output bias (a [M, N] matrix)"
+    if min(layer.shape) < 2:
+        return f"weight {layer.shape[0]}x{layer.shape[1]}: nothing to factorize"
+    return None
+
+
+def _cholesky(g: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """Lower Cholesky factor of ``g + λI`` (λ = damping·mean diag), raising λ tenfold until it factorizes."""
+    mean = float(np.mean(np.diag(g)))
+    scale = mean if mean > 0 else 1.0
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(g + damping * scale * np.eye(len(g))), damping
+        except np.linalg.LinAlgError:
+            damping *= 10
+    return np.linalg.cholesky(g + damping * scale * np.eye(len(g))), damping
+
+
+def _plan(layer: Layer, method: str, scale: tuple | None, cfg: SvdSplitConfig) -> _Plan:
+    w = layer.weight().astype(np.float64)
+    if method == "plain":
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        return _Plan(layer, u, s, vt, lambda b: b)
+    kind, factor = scale
+    if kind == "whitened":
+        u, s, vt = np.linalg.svd(w @ factor, full_matrices=False)
+        # B = B_scaled·L⁻¹  <=>  Lᵀ·Bᵀ = B_scaledᵀ
+        return _Plan(layer, u, s, vt, lambda b: linalg.solve_triangular(factor.T, b.T, lower=False).T)
+    u, s, vt = np.linalg.svd(w * factor[None, :], full_matrices=False)
+    return _Plan(layer, u, s, vt, lambda b: b / factor[None, :])
+
+
+def _layer_rank(plan: _Plan, cfg: SvdSplitConfig) -> int:
+    full = len(plan.s)
+    if cfg.rank is not None:
+        return min(cfg.rank, full)
+    if cfg.energy is not None:
+        total = float(np.sum(plan.s**2))
+        if total == 0:
+            return 1
+        share = np.cumsum(plan.s**2) / total
+        return int(min(np.searchsorted(share, cfg.energy - 1e-12) + 1, full))
+    return max(1, min(full, int(cfg.ratio * plan.m * plan.n / (plan.m + plan.n))))
+
+
+def _global_ranks(plans: list[_Plan], cfg: SvdSplitConfig, stats: PassStats) -> None:
+    """Spend ``param_ratio`` of all the plans' parameters on the singular values with the largest
+    share of their layer's energy per parameter (``m+n`` each); layers whose rank would not save
+    parameters stay dense (their ``m·n`` is paid out of the budget) and the rest is re-allocated."""
+    budget = cfg.ratio * sum(p.m * p.n for p in plans)
+    active = list(plans)
+    while active:
+        gains = []
+        for i, p in enumerate(active):
+            total = float(np.sum(p.s**2)) or 1.0
+            gains.extend((float(v**2) / total / (p.m + p.n), i, p.m + p.n) for v in p.s)
+        gains.sort(key=lambda g: -g[0])
+        ranks = [1] * len(active)  # every split layer keeps at least one
+        spent = sum(p.m + p.n for p in active)
+        taken = [0] * len(active)
+        for _, i, cost in gains:
+            if taken[i] == 0:
+                taken[i] = 1  # the first singular value is already paid for
+                continue
+            if spent + cost > budget:
+                break
+            spent += cost
+            taken[i] += 1
+        ranks = [max(1, t) for t in taken]
+        dense = [p for p, k in zip(active, ranks) if k * (p.m + p.n) >= (1 - cfg.min_saving) * p.m * p.n]
+        if not dense:
+            for p, k in zip(active, ranks):
+                p.k = k
+            break
+        for p in dense:
+            p.k = 0
+            budget -= p.m * p.n
+            stats.skip(p.layer.label, "global budget leaves it near full rank: kept dense")
+            active.remove(p)
+    stats.metrics["global_budget_params"] = int(cfg.ratio * sum(p.m * p.n for p in plans))
+
+
+def _apply(plan: _Plan, names: Names) -> None:
+    layer, k = plan.layer, plan.k
+    root = np.sqrt(plan.s[:k])
+    a = plan.u[:, :k] * root  # [out, k]
+    b = plan.unscale(root[:, None] * plan.vt[:k])  # [k, in]
+    node, graph = layer.node, layer.node.graph
+    dtype = constant_array(layer.weight_value).dtype
+    base = layer.weight_value.name or layer.name
+    b_init = add_initializer(layer.root, names, f"{base}_lowrank_B", np.ascontiguousarray(b.T.astype(dtype)))
+    a_init = add_initializer(layer.root, names, f"{base}_lowrank_A", np.ascontiguousarray(a.T.astype(dtype)))
+    out_type = node.outputs[0].type
+    if _trans_a(layer):
+        first = ir.Node("", "Gemm", [layer.input, b_init], attributes=[ir.AttrInt64("transA", 1)],
+                        name=names(f"{layer.name}_lowrank_B"))
+    else:
+        first = ir.Node("", "MatMul", [layer.input, b_init], name=names(f"{layer.name}_lowrank_B"))
+    hidden = first.outputs[0]
+    hidden.name, hidden.type = names(f"{node.outputs[0].name or layer.name}_lowrank"), out_type
+    has_c = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
+    if has_c:
+        c_init = add_initializer(layer.root, names, f"{node.inputs[2].name or base}_lowrank_C", layer.bias().astype(dtype))
+        second = ir.Node("", "Gemm", [hidden, a_init, c_init], name=names(f"{layer.name}_lowrank_A"))
+    else:
+        second = ir.Node("", "MatMul", [hidden, a_init], name=names(f"{layer.name}_lowrank_A"))
+    first.metadata_props[LOWRANK_KEY] = f"{layer.name}:B"
+    second.metadata_props[LOWRANK_KEY] = f"{layer.name}:A"
+    replace_node(node, [first, second], second.outputs[0])
