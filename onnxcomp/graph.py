@@ -229,9 +229,10 @@ class Layer:
     # --- finding layers -----------------------------------------------------------------------
 
     @staticmethod
-    def of(node: ir.Node, root: ir.Graph | None = None) -> Layer | str:
+    def of(node: ir.Node, root: ir.Graph | None = None, *, runtime_bias: bool = False) -> Layer | str:
         """``node`` as a layer, or the reason it is not one (``root``: the main graph, when
-        ``node`` sits in a subgraph)."""
+        ``node`` sits in a subgraph). ``runtime_bias``: also accept a Gemm/Conv whose bias input
+        is computed at run time (``bias()`` is then None: the caller keeps that input)."""
         if node.op_type not in LAYER_OPS or not is_standard(node):
             return f"{node.op_type} is not a MatMul/Gemm/Conv"
         if len(node.inputs) < 2 or node.inputs[1] is None:
@@ -262,7 +263,8 @@ class Layer:
                 return f"weight of rank {weight.ndim}"
             stored_out_first = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
             transposed = (not stored_out_first) != (transpose is not None)
-        if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
+        if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None \
+                and not runtime_bias:
             return "bias is not a constant"
         layer = Layer(node, value, transposed, transpose, root=root)
         layer.bias_add = layer._find_bias_add()
@@ -316,6 +318,11 @@ class Layer:
         return shape[::-1] if self.weight_transposed else shape
 
     @property
+    def storage_out_axis(self) -> int:
+        """The axis of the stored weight (``weight_value``) that holds the output channels."""
+        return 1 if self.weight_transposed else 0
+
+    @property
     def out_features(self) -> int:
         return self.shape[0]
 
@@ -349,6 +356,8 @@ class Layer:
             return constant_array(self._bias_value()).reshape(-1).copy()
         if len(self.node.inputs) > 2 and self.node.inputs[2] is not None:
             c = constant_array(self.node.inputs[2])
+            if c is None:  # computed at run time (Layer.of(runtime_bias=True))
+                return None
             if self.node.op_type == "Gemm":
                 if c.size == 1:
                     c = np.full(self.out_features, c.reshape(()), c.dtype)
@@ -434,6 +443,19 @@ class Layer:
         out.name = names(f"{name}_unbiased")
         y.name = name  # the biased value keeps the name users know
         self.bias_add = add
+
+    def bias_value(self) -> ir.Value | None:
+        """The stored constant holding the bias (the bias Add's constant, Gemm C, Conv B), or None."""
+        if self.bias_add is not None:
+            return self._bias_value()
+        return self.node.inputs[2] if len(self.node.inputs) > 2 else None
+
+    def input_channel_index(self) -> np.ndarray:
+        """``[out, in/group]``: the input channel each slice ``weight()[o, j]`` reads (grouped and
+        depthwise Convs exact; for MatMul/Gemm simply ``j``)."""
+        out, per_group = self.shape[0], self.shape[1]
+        group_of = np.arange(out) // (out // self.group)
+        return group_of[:, None] * per_group + np.arange(per_group)[None, :]
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Per-channel rescaling of layers with constant parameters (used by ``smooth_quant`` and ``equalize``).
 
 A layer here is something whose output channel j can be multiplied by a factor f_j by
-editing its constants alone — :class:`LinearLayer` (Conv/Gemm/MatMul, + a bias Add),
+editing its constants alone — :class:`LinearLayer` (a :class:`onnxcomp.graph.Layer`:
+Conv/Gemm/MatMul with its bias, Gemm C or a bias Add),
 :class:`NormLayer` (γ and β of a layer normalisation), :class:`ConstMul` (Mul by a
 constant) — and, for linear layers, whose *input* channel i can be absorbed the same way
 (the weights reading it multiplied by f_i). Edits accumulate in float64 in
@@ -12,15 +13,16 @@ constant) — and, for linear layers, whose *input* channel i can be absorbed th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.passes.qdq import Names, add_initializer, constant_array
+from onnxcomp.graph import STANDARD_DOMAINS, Layer, Names, add_initializer, constant_array, is_standard
 
 __all__ = ["LinearLayer", "NormLayer", "ConstMul", "WeightEdits", "STANDARD", "NORMS"]
 
-STANDARD = ("", "ai.onnx")
+STANDARD = STANDARD_DOMAINS
 NORMS = {  # op type -> (index of γ, index of β or None); both scale along the last axis
     "LayerNormalization": (1, 2),
     "SimplifiedLayerNormalization": (1, None),
@@ -31,58 +33,45 @@ NORMS = {  # op type -> (index of γ, index of β or None); both scale along the
 
 @dataclasses.dataclass(frozen=True)
 class LinearLayer:
-    """Conv / Gemm / MatMul with a constant weight, optionally followed by an Add of a constant bias."""
+    """A :class:`onnxcomp.graph.Layer` (Conv / Gemm / MatMul with a constant weight, its bias
+    wherever kept) whose output and input channels get rescaled through :class:`WeightEdits`."""
 
-    node: ir.Node
-    bias_add: ir.Node | None = None
+    layer: Layer
 
     @staticmethod
     def of(node: ir.Node) -> LinearLayer | str:
         """``node`` as a rescalable layer, or why it is not one."""
-        weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if weight is None:
-            return "weight is not a constant"
-        if constant_array(node.inputs[0]) is not None:
-            return "activation input is a constant too"
-        if node.op_type in ("MatMul", "Gemm") and weight.ndim != 2:
-            return f"weight of rank {weight.ndim}"
-        if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
-            return "bias is not a constant"
-        if node.op_type == "Conv" and weight.shape[0] % node.attributes.get_int("group", 1):
-            return "Conv output channels not divisible by group"
-        return LinearLayer(node)
+        layer = Layer.of(node)
+        if isinstance(layer, str):
+            return layer
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and layer.bias() is None:
+            return "C is not one bias per output channel"
+        return LinearLayer(layer)
 
     @staticmethod
     def behind(value: ir.Value) -> LinearLayer | None:
-        """The MatMul/Gemm whose output is ``value``, directly or through an Add of a constant bias."""
-        node, bias_add = value.producer(), None
-        if node is not None and node.op_type == "Add":
+        """The MatMul/Gemm whose output (bias included) is ``value``."""
+        node = value.producer()
+        if node is not None and node.op_type == "Add" and is_standard(node):
             consts = [i for i, v in enumerate(node.inputs) if constant_array(v) is not None]
             inner = node.inputs[1 - consts[0]] if len(consts) == 1 else None
-            if inner is None or len(inner.uses()) != 1 or inner.is_graph_output():
-                return None
-            bias_add, node = node, inner.producer()
-        if node is None or node.op_type not in ("MatMul", "Gemm") or node.domain not in STANDARD:
+            node = inner.producer() if inner is not None else None
+        if node is None or node.op_type not in ("MatMul", "Gemm") or not is_standard(node):
             return None
         layer = LinearLayer.of(node)
-        return None if isinstance(layer, str) else LinearLayer(node, bias_add)
+        return layer if not isinstance(layer, str) and layer.output is value else None
 
-    def with_bias_add(self) -> LinearLayer:
-        """This MatMul/Gemm together with the constant-bias Add that alone reads its output, if any."""
-        out = self.node.outputs[0]
-        uses = out.uses()
-        if self.node.op_type == "Conv" or len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add":
-            return self
-        layer = LinearLayer.behind(uses[0].node.outputs[0])
-        return layer if layer is not None and layer.node is self.node else self
+    @property
+    def node(self) -> ir.Node:
+        return self.layer.node
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.op_type
+        return self.layer.name
 
     @property
     def output(self) -> ir.Value:
-        return (self.bias_add or self.node).outputs[0]
+        return self.layer.output
 
     @property
     def channel_axis(self) -> int:
@@ -90,20 +79,19 @@ class LinearLayer:
         return 1 if self.node.op_type == "Conv" else -1
 
     def matrix(self, edits: WeightEdits) -> np.ndarray:
-        """MatMul/Gemm weight as [in, out] (Gemm transB undone)."""
-        w = edits.get(self.node, 1)
-        return w.T if self._axes() == (1, 0) else w
+        """MatMul/Gemm weight as [in, out]."""
+        return edits.weight(self.layer).T
 
     def out_ranges(self, edits: WeightEdits) -> np.ndarray:
         """max |W| per output channel."""
-        return _absmax_along(edits.get(self.node, 1), self._axes()[1])
+        return _absmax_along(edits.weight(self.layer), 0)
 
     def in_ranges(self, edits: WeightEdits) -> np.ndarray:
         """max |W| over the weights reading each input channel."""
-        w = edits.get(self.node, 1)
+        w = edits.weight(self.layer)
         if self.node.op_type != "Conv":
-            return _absmax_along(w, self._axes()[0])
-        index = self._conv_in_index(w)
+            return _absmax_along(w, 1)
+        index = self.layer.input_channel_index()
         per_slice = np.abs(w).reshape(*index.shape, -1).max(axis=-1)
         ranges = np.zeros(index.max() + 1)
         np.maximum.at(ranges, index.ravel(), per_slice.ravel())
@@ -111,33 +99,20 @@ class LinearLayer:
 
     def scale_out(self, edits: WeightEdits, factor: np.ndarray) -> None:
         """Multiply output channel i (weight, bias) by factor[i]."""
-        w = edits.get(self.node, 1)
-        edits.set(self.node, 1, w * _along(factor, w.ndim, self._axes()[1]))
-        if len(self.node.inputs) > 2 and self.node.inputs[2] is not None:
-            edits.multiply_last(self.node, 2, factor)  # Conv B [O]; Gemm C broadcasts on its last axis
-        if self.bias_add is not None:
-            edits.multiply_last(self.bias_add, _const_index(self.bias_add), factor)
+        w = edits.weight(self.layer)
+        edits.set_weight(self.layer, w * _along(factor, w.ndim, 0))
+        bias = edits.bias(self.layer)
+        if bias is not None:
+            edits.set_bias(self.layer, bias * factor)
 
     def scale_in(self, edits: WeightEdits, factor: np.ndarray) -> None:
         """Multiply the weights reading input channel i by factor[i]."""
-        w = edits.get(self.node, 1)
+        w = edits.weight(self.layer)
         if self.node.op_type == "Conv":
-            index = self._conv_in_index(w)
-            edits.set(self.node, 1, w * factor[index].reshape(*index.shape, *[1] * (w.ndim - 2)))
+            index = self.layer.input_channel_index()
+            edits.set_weight(self.layer, w * factor[index].reshape(*index.shape, *[1] * (w.ndim - 2)))
         else:
-            edits.set(self.node, 1, w * _along(factor, w.ndim, self._axes()[0]))
-
-    def _axes(self) -> tuple[int, int]:
-        """(input-channel axis, output-channel axis) of the weight."""
-        if self.node.op_type == "Conv" or self.node.attributes.get_int("transB", 0):
-            return 1, 0
-        return 0, 1
-
-    def _conv_in_index(self, w: np.ndarray) -> np.ndarray:
-        """[O, C/g]: the input channel weight slice W[o, j] reads (grouped and depthwise exact)."""
-        out_channels, per_group = w.shape[0], w.shape[1]
-        group_of = np.arange(out_channels) // (out_channels // self.node.attributes.get_int("group", 1))
-        return group_of[:, None] * per_group + np.arange(per_group)[None, :]
+            edits.set_weight(self.layer, w * _along(factor, w.ndim, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +159,13 @@ class ConstMul:
 
 
 class WeightEdits:
-    """Pending float64 edits of constant node inputs, written back once as new initializers."""
+    """Pending float64 edits of layer weights / biases (logical layout) and of constant node
+    inputs, written back once, in the order first edited, under the names they had."""
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self._arrays: dict[tuple[ir.Node, int], np.ndarray] = {}
+        self._arrays: dict[tuple, np.ndarray] = {}
+        self._layers: dict[ir.Node, Layer] = {}
 
     def get(self, node: ir.Node, index: int) -> np.ndarray:
         key = (node, index)
@@ -203,17 +180,58 @@ class WeightEdits:
         """node.inputs[index] × factor along its last axis (a size-1 or scalar axis broadcasts to it)."""
         self.set(node, index, self.get(node, index) * factor)
 
+    def weight(self, layer: Layer) -> np.ndarray:
+        """The layer's logical weight with the pending edits."""
+        key = (layer.node, "weight")
+        return self._arrays[key] if key in self._arrays else np.asarray(layer.weight(), np.float64)
+
+    def set_weight(self, layer: Layer, array: np.ndarray) -> None:
+        self._layers[layer.node] = layer
+        self._arrays[(layer.node, "weight")] = array
+
+    def bias(self, layer: Layer) -> np.ndarray | None:
+        key = (layer.node, "bias")
+        if key in self._arrays:
+            return self._arrays[key]
+        bias = layer.bias()
+        return None if bias is None else np.asarray(bias, np.float64)
+
+    def set_bias(self, layer: Layer, array: np.ndarray) -> None:
+        self._layers[layer.node] = layer
+        self._arrays[(layer.node, "bias")] = array
+
     def commit(self) -> None:
-        """Replace each edited input by a new initializer of its dtype (the old one goes when unused)."""
+        """Replace each edited constant by a new initializer of its dtype (the old one goes when
+        unused, and then the new one takes its name)."""
         for (node, index), array in self._arrays.items():
-            old = node.inputs[index]
-            node.replace_input_with(index, None)
-            reuse = not old.uses() and not old.is_graph_output() and old.name in self.graph.initializers
-            if reuse:
-                self.graph.initializers.pop(old.name)
-            new = add_initializer(self.graph, Names(self.graph), old.name, array.astype(old.const_value.dtype.numpy()))
-            node.replace_input_with(index, new)
+            if index == "weight":
+                layer = self._layers[node]
+                _keeping_name(lambda: layer.weight_value, lambda: layer.set_weight(  # noqa: B023
+                    array.astype(constant_array(layer.weight_value).dtype)))
+            elif index == "bias":
+                layer = self._layers[node]
+                _keeping_name(layer.bias_value, lambda: layer.set_bias(array))  # noqa: B023 (called at once)
+            else:
+                old = node.inputs[index]
+                node.replace_input_with(index, None)
+                reuse = not old.uses() and not old.is_graph_output() and old.name in self.graph.initializers
+                if reuse:
+                    self.graph.initializers.pop(old.name)
+                new = add_initializer(self.graph, Names(self.graph), old.name,
+                                      array.astype(old.const_value.dtype.numpy()))
+                node.replace_input_with(index, new)
         self._arrays.clear()
+
+
+def _keeping_name(current: Callable[[], ir.Value], write: Callable[[], None]) -> None:
+    """Run ``write`` (which replaces the value ``current()`` returns by a new initializer); the new
+    initializer takes the old name when the old one is gone."""
+    old = current()
+    name, graph = old.name, old.graph
+    write()
+    new = current()
+    if new is not old and graph is not None and name not in graph.initializers and new.is_initializer():
+        new.name = name
 
 
 def _present(node: ir.Node) -> list[int]:

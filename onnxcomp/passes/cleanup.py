@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 from pydantic import Field
 
+from onnxcomp.graph import Names, add_initializer, constant_array, is_standard
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.registry import register
 
@@ -97,7 +98,7 @@ def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
     """Fold every eligible Conv → BatchNormalization pair of ``graph``; return (conv, bn) names."""
     folded = []
     for bn in list(graph):
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+        if bn.op_type != "BatchNormalization" or not is_standard(bn):
             continue
         if len(bn.outputs) > 1 and any(o.uses() for o in bn.outputs[1:]):
             continue
@@ -105,23 +106,23 @@ def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
             continue
         x = bn.inputs[0]
         conv = x.producer() if x is not None else None
-        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        if conv is None or conv.op_type != "Conv" or not is_standard(conv):
             continue
         if len(x.uses()) != 1 or x.is_graph_output():
             continue
-        consts = [_const(v) for v in bn.inputs[1:5]]
-        weight = _const(conv.inputs[1])
+        consts = [constant_array(v) for v in bn.inputs[1:5]]
+        weight = constant_array(conv.inputs[1])
         if weight is None or any(c is None for c in consts):
             continue
-        bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
         gamma, beta, mean, var = (c.astype(np.float64) for c in consts)
         eps = bn.attributes.get_float("epsilon", 1e-5)
         scale = gamma / np.sqrt(var + eps)
         w = weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))
         b = ((bias.astype(np.float64) if bias is not None else 0.0) - mean) * scale + beta
-        dtype = weight.dtype
-        w_value = _initializer(graph, f"{conv.name or 'conv'}_bnfold_W", w.astype(dtype))
-        b_value = _initializer(graph, f"{conv.name or 'conv'}_bnfold_B", b.astype(dtype))
+        dtype, names = weight.dtype, Names(graph)
+        w_value = add_initializer(graph, names, f"{conv.name or 'conv'}_bnfold_W", w.astype(dtype))
+        b_value = add_initializer(graph, names, f"{conv.name or 'conv'}_bnfold_B", b.astype(dtype))
         conv.replace_input_with(1, w_value)
         if len(conv.inputs) > 2:
             conv.replace_input_with(2, b_value)
@@ -135,22 +136,6 @@ def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
         x.name = y.name  # keep the tensor (maybe a graph output) under the name users know
         folded.append((conv.name, bn.name))
     return folded
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    base, i = name, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _node_count(model: ir.Model) -> int:

@@ -39,7 +39,8 @@ from onnxcomp.calibrate import MinMax, RowSample, collect
 from onnxcomp.data import Dataset
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.passes.channel_scaling import NORMS, STANDARD, ConstMul, LinearLayer, NormLayer, WeightEdits
-from onnxcomp.passes.qdq import Names, activation_params, add_initializer, weight_params
+from onnxcomp.graph import Names, add_initializer, insert_at_producer
+from onnxcomp.passes.qdq import activation_params, weight_params
 from onnxcomp.registry import register
 
 __all__ = ["SmoothQuant", "Equalize", "smooth_quant_model", "equalize_model", "smoothing_scales",
@@ -252,11 +253,7 @@ class _SmoothingPlan:
         mul = ir.Node("", "Mul", [self.x, inverse], name=names(f"{self.x.name}_smooth_mul"),
                       outputs=[ir.Value(name=names(f"{self.x.name}_smoothed"), type=self.x.type, shape=self.x.shape)],
                       metadata_props={SMOOTH_QUANT_TAG: "inserted 1/s"})
-        producer = self.x.producer()
-        if producer is not None:
-            graph.insert_after(producer, mul)
-        else:
-            graph.insert_before(next(iter(graph)), mul)
+        insert_at_producer(graph, self.x, mul)
         self._feed(mul.outputs[0])
         return f"in an inserted Mul '{mul.name}'"
 
@@ -333,11 +330,11 @@ def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: 
     def error(s: np.ndarray) -> float:
         """Relative squared error of X·W with X/s per-tensor uint8 and W·s per-channel int8."""
         params = activation_params(float((lo / s).min()), float((hi / s).max()))
-        xq = (params.quantize(x / s).astype(np.float64) - float(params.zero_point)) * float(params.scale)
+        xq = params.fake_quant(x / s)
         total = 0.0
         for w, ref in zip(matrices, refs):
             wp, wq = weight_params(w * s[:, None], 1, reduce_range="auto")
-            total += float(np.sum((xq @ (wq * wp.scale.astype(np.float64)) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+            total += float(np.sum((xq @ wp.dequantize(wq) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
         return total / len(matrices)
 
     base = error(np.ones_like(act))
@@ -363,7 +360,6 @@ def _find_pairs(graph: ir.Graph, edits: WeightEdits, stats: PassStats) -> list[t
         if isinstance(first, str):
             stats.skip(node.name, first)
             continue
-        first = first.with_bias_add()
         found = _following_layer(first, edits)
         if isinstance(found, str):
             stats.skip(first.name, found)

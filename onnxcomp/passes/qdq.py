@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.calibrate import weight_absmax
+from onnxcomp.graph import Names, add_initializer
 
 __all__ = [
     "QParams",
@@ -28,14 +29,11 @@ __all__ = [
     "activation_params",
     "weight_params",
     "bias_params",
-    "Names",
-    "add_initializer",
+    "bias_qparams",
+    "dequantize_node",
     "quantize_linear",
     "dequantize_linear",
     "dequantized_constant",
-    "opset_version",
-    "constant_array",
-    "is_excluded",
     "saturating_u8s8",
     "is_x86",
 ]
@@ -58,6 +56,15 @@ class QParams:
         scale, zero = self._broadcast(self.scale, x.ndim), self._broadcast(self.zero_point, x.ndim)
         q = np.round(np.asarray(x, np.float64) / scale) + zero
         return np.clip(q, info.min, info.max).astype(self.zero_point.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """(q - zero point) * scale in float64 (what DequantizeLinear computes)."""
+        q = np.asarray(q, np.float64)
+        return (q - self._broadcast(self.zero_point, q.ndim)) * self._broadcast(self.scale, q.ndim)
+
+    def fake_quant(self, x: np.ndarray) -> np.ndarray:
+        """x quantized and dequantized again (float64): what int8 makes of it."""
+        return self.dequantize(self.quantize(x))
 
     def _broadcast(self, a: np.ndarray, ndim: int) -> np.ndarray:
         if self.axis is None or a.ndim == 0:
@@ -94,37 +101,15 @@ def weight_params(weight: np.ndarray, axis: int | None, *, method: str = "minmax
 
 def bias_params(bias: np.ndarray, input_scale: np.ndarray, weight: QParams) -> tuple[QParams, np.ndarray]:
     """int32 bias with scale input_scale × weight scale (per channel when the weight is)."""
-    scale = (np.float32(input_scale) * weight.scale).astype(np.float32)
-    params = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
-    q = np.round(np.asarray(bias, np.float64) / scale.astype(np.float64))
+    params = bias_qparams(input_scale, weight.scale)
+    q = np.round(np.asarray(bias, np.float64) / params.scale.astype(np.float64))
     return params, np.clip(q, _INT32.min, _INT32.max).astype(np.int32)
 
 
-class Names:
-    """Fresh value and node names for one graph (never a name already in use)."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self.used.add(node.name or "")
-            self.used.update(o.name for o in node.outputs if o.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding ``array`` under a fresh name derived from ``base``."""
-    name = names(base)
-    array = np.asarray(array)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
+def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
+    """The int32 parameters of a bias: scale = input scale × weight scale, zero point 0."""
+    scale = (np.float32(input_scale) * np.asarray(weight_scale, np.float32)).astype(np.float32)
+    return QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
 
 
 def quantize_linear(x: ir.Value, scale: ir.Value, zero: ir.Value, names: Names, base: str) -> ir.Node:
@@ -154,13 +139,6 @@ def dequantized_constant(graph: ir.Graph, names: Names, base: str, q: np.ndarray
     return node.outputs[0]
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer (not one that is also a graph input), else None."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
 def is_excluded(node: ir.Node, options) -> bool:
     """The node's name matches one of ``options.exclude_nodes`` (fnmatch globs) or its op type is
     in ``options.exclude_ops``."""
@@ -168,9 +146,14 @@ def is_excluded(node: ir.Node, options) -> bool:
         fnmatch.fnmatchcase(node.name or "", pattern) for pattern in options.exclude_nodes)
 
 
-def opset_version(model: ir.Model) -> int:
-    """The default-domain opset the model imports."""
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+def dequantize_node(dq: ir.Node) -> np.ndarray:
+    """What a DequantizeLinear of constants computes, in float64 (its axis respected)."""
+    q = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy()
+    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.int32)
+    axis = dq.attributes.get_int("axis", 1) if np.ndim(scale) == 1 and q.ndim > 1 else None
+    params = QParams(scale, zero, axis % q.ndim if axis is not None else None)
+    return params.dequantize(q)
 
 
 @functools.cache

@@ -28,7 +28,8 @@ import onnx_ir as ir
 from onnxcomp.calibrate import collect
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.passes.qdq import Names, QParams, add_initializer, constant_array
+from onnxcomp.graph import Layer, Names, add_initializer, constant_array, label
+from onnxcomp.passes.qdq import QParams, bias_qparams, dequantize_node, dequantized_constant
 
 if TYPE_CHECKING:
     from onnxcomp.passes.qdq_static import StaticPlan
@@ -63,92 +64,73 @@ class ChannelMean:
 
 # --- bias correction ----------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _Layer:
-    node: ir.Node
-    weight: np.ndarray  # float weight, as in the float graph
-    bias: np.ndarray | None
-    bias_add: tuple[ir.Node, int] | None = None  # MatMul: the Add of a constant bias after it, and its input index
-
-
-def float_layers(plan: StaticPlan) -> list[_Layer]:
-    """The float weights and biases of the plan's Conv/MatMul/Gemm, read before the rewrite."""
+def float_layers(plan: StaticPlan) -> list[Layer]:
+    """The plan's Conv/MatMul/Gemm as layers (float weights and biases), read before the rewrite."""
     layers = []
     for node, role in plan.roles.items():
-        weight = constant_array(node.inputs[1]) if role == "compute" else None
-        if weight is None:
-            continue
-        bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
-        add = _bias_add(node, weight.shape[-1]) if node.op_type == "MatMul" else None
-        if add is not None:
-            bias = constant_array(add[0].inputs[add[1]]).reshape(-1)
-        layers.append(_Layer(node, weight, bias, add))
+        layer = Layer.of(node) if role == "compute" else None
+        if isinstance(layer, Layer) and layer.transpose is None:
+            layers.append(_FloatLayer(layer, layer.weight(), layer.bias()))
     return layers
 
 
-def _bias_add(matmul: ir.Node, columns: int) -> tuple[ir.Node, int] | None:
-    """The Add of a constant [N] bias that alone reads ``matmul``'s output, and the bias's index."""
-    y = matmul.outputs[0]
-    if len(y.uses()) != 1 or y.is_graph_output():
-        return None
-    add = y.consumers()[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    index = 1 if add.inputs[0] is y else 0
-    bias = constant_array(add.inputs[index])
-    if bias is None or bias.size != columns or bias.shape[-1] != columns:
-        return None
-    return add, index
+@dataclasses.dataclass
+class _FloatLayer:
+    """A layer and its float weight (logical [out, in, ...]) and bias, kept across the rewrite."""
+
+    layer: Layer
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def node(self) -> ir.Node:
+        return self.layer.node
 
 
-def bias_correct(model: ir.Model, layers: list[_Layer], data: Dataset, *,
+def bias_correct(model: ir.Model, layers: list[_FloatLayer], data: Dataset, *,
                  batch_size: int = 32) -> tuple[list[str], list[tuple[str, str]], dict[str, float]]:
     """Correct the int32 biases of the quantized ``layers`` in place (see the module docstring).
 
     Returns (touched, skipped with why, per layer the largest shift relative to the largest
     expected float output |W·E[x̂] + b|).
     """
-    graph = model.graph
-    names = Names(graph)
     todo, skipped = [], []
-    for layer in layers:
-        why = _correctable(layer)
+    for item in layers:
+        why = _correctable(item.layer)
         if why:
-            skipped.append((_label(layer.node), why))
+            skipped.append((label(item.node), why))
         else:
-            todo.append(layer)
-    means = {layer.node.inputs[0].name: [ChannelMean(1 if layer.node.op_type == "Conv" else -1)] for layer in todo}
+            todo.append(item)
+    means = {item.node.inputs[0].name: [ChannelMean(1 if item.node.op_type == "Conv" else -1)] for item in todo}
     collect(model, data, means, batch_size=batch_size)
     touched, sizes = [], {}
-    for layer in todo:
-        m_hat = means[layer.node.inputs[0].name][0].mean
-        w_hat, b_hat, bias_params = _quantized_weight_bias(layer.node)
+    for item in todo:
+        layer, node = item.layer, item.node
+        m_hat = means[node.inputs[0].name][0].mean
+        w_hat, b_hat, params = _quantized_weight_bias(layer)
         if layer.bias_add is not None:
-            b_hat = layer.bias
-        target = _expected(layer.node, layer.weight, m_hat) + (0.0 if layer.bias is None else layer.bias)
-        current = _expected(layer.node, w_hat, m_hat) + (0.0 if b_hat is None else b_hat)
+            b_hat = item.bias
+        target = _expected(layer, item.weight, m_hat) + (0.0 if item.bias is None else item.bias)
+        current = _expected(layer, w_hat, m_hat) + (0.0 if b_hat is None else b_hat)
         shift = current - target
         new_bias = (0.0 if b_hat is None else b_hat) - shift
         if layer.bias_add is not None:
-            add, index = layer.bias_add
-            old = add.inputs[index]
-            add.replace_input_with(index, add_initializer(
-                graph, names, f"{old.name}_corrected", np.asarray(new_bias, np.float32).reshape(constant_array(old).shape)))
+            layer.set_bias(np.asarray(new_bias, np.float32))
         else:
-            _set_bias(graph, names, layer.node, new_bias, bias_params)
+            _set_quantized_bias(model.graph, node, new_bias, params)
         ref = max(float(np.abs(target).max()), 1e-12)
-        sizes[layer.node.name] = float(np.abs(shift).max()) / ref
-        touched.append(f"{_label(layer.node)}: bias corrected (max shift {np.abs(shift).max():.3g})")
+        sizes[node.name] = float(np.abs(shift).max()) / ref
+        touched.append(f"{label(node)}: bias corrected (max shift {np.abs(shift).max():.3g})")
     return touched, skipped, sizes
 
 
-def _correctable(layer: _Layer) -> str | None:
+def _correctable(layer: Layer) -> str | None:
     node = layer.node
     if node.op_type == "MatMul":
-        if layer.bias_add is None:
+        add = layer.bias_add
+        if add is None:
             return "MatMul without a bias Add after it: nowhere to put the correction (QLinearMatMul has no bias)"
-        add, index = layer.bias_add
-        if node.outputs[0].consumers() != (add,) or constant_array(add.inputs[index]) is None:
+        if node.outputs[0].consumers() != (add,) or constant_array(layer._bias_value()) is None:
             return "its bias Add is quantized too (QLinearAdd): a uint8 bias cannot carry a fine correction"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return "Gemm with transA=1"
@@ -161,52 +143,39 @@ def _correctable(layer: _Layer) -> str | None:
     return None
 
 
-def _dequantize(dq: ir.Node) -> np.ndarray:
-    q = dq.inputs[0].const_value.numpy().astype(np.float64)
-    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
-    zero = dq.inputs[2].const_value.numpy().astype(np.float64) if len(dq.inputs) > 2 and dq.inputs[2] else 0.0
-    axis = dq.attributes.get_int("axis", 1)
-    if np.ndim(scale) == 1 and q.ndim > 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
-    return (q - zero) * scale
-
-
-def _quantized_weight_bias(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, QParams]:
-    """The dequantized weight and bias of a quantized compute node, and the bias parameters
-    (scale = input scale × weight scale) to store a new bias with."""
+def _quantized_weight_bias(layer: Layer) -> tuple[np.ndarray, np.ndarray | None, QParams]:
+    """The dequantized weight (logical layout) and bias of a quantized compute node, and the bias
+    parameters (scale = input scale × weight scale) to store a new bias with."""
+    node = layer.node
     w_dq = node.inputs[1].producer()
-    w_hat = _dequantize(w_dq)
+    w_hat = dequantize_node(w_dq)
+    w_hat = w_hat.T if layer.weight_transposed else w_hat
     x_scale = node.inputs[0].producer().inputs[1].const_value.numpy().astype(np.float64)
-    w_scale = w_dq.inputs[1].const_value.numpy().astype(np.float64)
-    scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
-    params = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
+    params = bias_qparams(x_scale, w_dq.inputs[1].const_value.numpy())
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    b_hat = _dequantize(bias.producer()) if bias is not None and bias.producer() is not None else None
+    b_hat = dequantize_node(bias.producer()) if bias is not None and bias.producer() is not None else None
     return w_hat, b_hat, params
 
 
-def _expected(node: ir.Node, weight: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """E[layer output] per output channel for an input with per-channel mean ``mean`` (no bias).
+def _expected(layer: Layer, weight: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """E[layer output] per output channel for an input with per-channel mean ``mean`` (no bias),
+    ``weight`` in the logical layout ([out, in] / [out, in/group, *kernel]).
 
     Conv: each output channel sums its filter taps times the input channel means (exact away
     from zero-padded borders)."""
     w = np.asarray(weight, np.float64)
-    if node.op_type == "Conv":
-        group = node.attributes.get_int("group", 1)
+    if layer.node.op_type == "Conv":
+        group = layer.group
         taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [Cout, Cin/group]
         per_group = w.shape[0] // group
         means = mean.reshape(group, -1)  # [group, Cin/group]
         return np.einsum("gok,gk->go", taps.reshape(group, per_group, -1), means).reshape(-1)
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return w @ mean
-    return mean @ w
+    return w @ mean
 
 
-def _set_bias(graph: ir.Graph, names: Names, node: ir.Node, bias: np.ndarray, params: QParams) -> None:
+def _set_quantized_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, params: QParams) -> None:
     """Store ``bias`` as the node's int32 bias (a new initializer; a new DequantizeLinear when it had none)."""
+    names = Names(graph)
     q = params.quantize(np.asarray(bias, np.float64).reshape(-1))
     base = node.name or node.outputs[0].name
     current = node.inputs[2] if len(node.inputs) > 2 else None
@@ -214,20 +183,10 @@ def _set_bias(graph: ir.Graph, names: Names, node: ir.Node, bias: np.ndarray, pa
         dq = current.producer()
         dq.replace_input_with(0, add_initializer(graph, names, f"{base}_bias_corrected_quantized", q))
         return
-    scale = add_initializer(graph, names, f"{base}_bias_scale", params.scale)
-    out = ir.Value(name=names(f"{base}_bias_dequantized"), type=ir.TensorType(ir.DataType.FLOAT),
-                   shape=ir.Shape([len(q)]))
-    dq = ir.node("DequantizeLinear", [add_initializer(graph, names, f"{base}_bias_quantized", q), scale],
-                 {} if params.axis is None else {"axis": params.axis}, outputs=[out],
-                 name=names(f"{base}_bias_DequantizeLinear"))
-    graph.insert_before(node, dq)
+    out = dequantized_constant(graph, names, f"{base}_bias", q, params, node, zero_point=False)
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, out)
-
-
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} {node.name}" if node.name else node.op_type
 
 
 # --- sensitivity fallback -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxcomp.calibrate import tensor_values
-from onnxcomp.passes.qdq import Names, add_initializer, constant_array, is_excluded
+from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard
+from onnxcomp.passes.qdq import is_excluded
 from onnxcomp.runtime import open_session, session_options
 
 if TYPE_CHECKING:
@@ -26,16 +27,19 @@ def prepare_static(model: ir.Model, options: QuantizeStaticConfig) -> list[str]:
     as the MatMul; neither excluded). Returns what was merged."""
     graph, done = model.graph, []
     types = value_types(model)
-    names = Names(graph)
     for node in list(graph):
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and not is_excluded(node, options) \
-                and "Gemm" not in options.exclude_ops:
-            add = _bias_add(node, types, options)
-            if add is not None:
-                _matmul_add_to_gemm(graph, names, node, add)
+        if not is_standard(node) or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        layer = Layer.of(node, graph)
+        if isinstance(layer, str) or layer.transpose is not None:
+            continue
+        if node.op_type == "Gemm":
+            _normalise_gemm(layer)
+        elif not is_excluded(node, options) and "Gemm" not in options.exclude_ops:
+            add = layer.bias_add
+            if add is not None and not is_excluded(add, options) and _gemm_bias(layer, types) is not None:
+                _matmul_add_to_gemm(graph, layer)
                 done.append(f"{node.name}: MatMul + {add.name} -> Gemm")
-        elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
-            _normalise_gemm(graph, names, node)
     return done
 
 
@@ -57,28 +61,20 @@ def value_types(model: ir.Model) -> dict[str, tuple[ir.DataType | None, int | No
     return found
 
 
-def _bias_add(matmul: ir.Node, types, options) -> ir.Node | None:
-    """The Add after ``matmul`` that can become a Gemm bias, or None."""
-    a, w, y = matmul.inputs[0], constant_array(matmul.inputs[1]), matmul.outputs[0]
-    if w is None or w.ndim != 2 or types.get(a.name, (None, None))[1] != 2:
+def _gemm_bias(layer: Layer, types) -> ir.Value | None:
+    """The constant of a MatMul's bias Add when the pair can become one Gemm (2-D input, same dtype)."""
+    if types.get(layer.input.name, (None, None))[1] != 2:
         return None
-    if len(y.uses()) != 1 or y.is_graph_output():
-        return None
-    add = y.consumers()[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or is_excluded(add, options):
-        return None
-    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    bias = constant_array(other)
-    if bias is None or bias.size != w.shape[1] or bias.shape[-1] != w.shape[1] or bias.dtype != w.dtype:
-        return None
-    return add
+    bias = layer._bias_value()
+    return bias if constant_array(bias).dtype == constant_array(layer.weight_value).dtype else None
 
 
-def _matmul_add_to_gemm(graph: ir.Graph, names: Names, matmul: ir.Node, add: ir.Node) -> None:
-    y, out = matmul.outputs[0], add.outputs[0]
-    bias_1d = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+def _matmul_add_to_gemm(graph: ir.Graph, layer: Layer) -> None:
+    matmul, add = layer.node, layer.bias_add
+    out = add.outputs[0]
+    bias_1d = layer._bias_value()
     if len(bias_1d.shape) != 1:
-        bias_1d = add_initializer(graph, names, bias_1d.name, constant_array(bias_1d).reshape(-1))
+        bias_1d = add_initializer(graph, Names(graph), bias_1d.name, constant_array(bias_1d).reshape(-1))
     gemm = ir.node("Gemm", [matmul.inputs[0], matmul.inputs[1], bias_1d], name=matmul.name)
     gemm.outputs[0].type, gemm.outputs[0].shape = out.type, out.shape
     graph.insert_before(matmul, gemm)
@@ -87,16 +83,14 @@ def _matmul_add_to_gemm(graph: ir.Graph, names: Names, matmul: ir.Node, add: ir.
     gemm.outputs[0].name = out.name
 
 
-def _normalise_gemm(graph: ir.Graph, names: Names, gemm: ir.Node) -> None:
+def _normalise_gemm(layer: Layer) -> None:
     """alpha into the weight, beta into the bias, a [1, N] bias to [N] (same results)."""
-    alpha, beta = gemm.attributes.get_float("alpha", 1.0), gemm.attributes.get_float("beta", 1.0)
-    w = constant_array(gemm.inputs[1])
-    if alpha != 1.0 and w is not None:
-        gemm.replace_input_with(1, add_initializer(graph, names, gemm.inputs[1].name, (w * alpha).astype(w.dtype)))
-        gemm.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
-    c = constant_array(gemm.inputs[2]) if len(gemm.inputs) > 2 else None
+    gemm = layer.node
+    if gemm.attributes.get_float("alpha", 1.0) != 1.0:
+        layer.set_weight(layer.weight())
+    c = constant_array(gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] is not None else None
     row = c is not None and c.ndim == 2 and c.shape[0] == 1
-    if c is not None and (beta != 1.0 or row):
-        c = (c * beta).astype(c.dtype)
-        gemm.replace_input_with(2, add_initializer(graph, names, gemm.inputs[2].name, c.reshape(-1) if row else c))
-        gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    if c is not None and (gemm.attributes.get_float("beta", 1.0) != 1.0 or row):
+        bias = layer.bias()
+        if bias is not None:
+            layer.set_bias(bias)

@@ -13,13 +13,11 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxcomp.calibrate import tensor_values
+from onnxcomp.graph import Layer, Names, add_initializer, insert_at_producer
 from onnxcomp.passes.qdq import (
-    Names,
     QParams,
     activation_params,
-    add_initializer,
     bias_params,
-    constant_array,
     dequantize_linear,
     dequantized_constant,
     quantize_linear,
@@ -77,13 +75,13 @@ def _fold_activation(graph: ir.Graph, act: ir.Node) -> None:
 
 
 def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | None:
+    """The axis of the stored weight holding output channels (None: per tensor)."""
     if not per_channel:
         return None
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    return 1 if weight.ndim == 2 else None  # MatMul [K, N]: per output column
+    layer = Layer.of(node)
+    if isinstance(layer, str):
+        return 1 if node.op_type == "MatMul" and weight.ndim == 2 else None  # MatMul [K, N]: per output column
+    return layer.storage_out_axis
 
 
 def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options) -> None:
@@ -122,10 +120,7 @@ def _insert_qdq(graph: ir.Graph, names: Names, value: ir.Value, scale: ir.Value,
         nonlocal q_node
         if q_node is None:
             q_node = quantize_linear(value, scale, zero, names, value.name)
-            if producer is not None:
-                graph.insert_after(producer, q_node)
-            else:
-                graph.insert_before(next(iter(graph)), q_node)
+            insert_at_producer(graph, value, q_node)
         s, z, axis = scale, zero, None
         guard = _float_guard(consumer) if consumer is not None and consumer not in plan.roles else None
         if guard is not None:
@@ -154,12 +149,10 @@ def _float_guard(node: ir.Node) -> tuple[int, int] | None:
     comes from a per-tensor DequantizeLinear and its output reaches a QuantizeLinear; the same
     scale repeated along the channel axis reads the same values and keeps the node float.
     """
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or weight is None or weight.ndim < 2:
-        return None
-    if node.op_type == "Conv":
-        return 1, weight.shape[1] * node.attributes.get_int("group", 1)
     if node.op_type == "ConvTranspose":
-        return 1, weight.shape[0]
-    k = weight.shape[1] if node.attributes.get_int("transB", 0) else weight.shape[0]
-    return (0 if node.attributes.get_int("transA", 0) else 1), k
+        weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        return (1, weight.shape[0]) if weight is not None and len(weight.shape) >= 2 else None
+    layer = Layer.of(node) if node.op_type in ("Conv", "Gemm") else None
+    if not isinstance(layer, Layer):
+        return None
+    return (0 if node.attributes.get_int("transA", 0) else 1), layer.in_features

@@ -42,13 +42,8 @@ import onnx_ir as ir
 
 from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range
 from onnxcomp.data import Dataset
-from onnxcomp.passes.qdq import (
-    ACTIVATION_TYPES,
-    activation_params,
-    constant_array,
-    is_excluded,
-    opset_version,
-)
+from onnxcomp.graph import constant_array, label, opset_version
+from onnxcomp.passes.qdq import activation_params, is_excluded
 from onnxcomp.passes.qdq_prepare import value_types
 
 if TYPE_CHECKING:
@@ -117,7 +112,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
             continue
         why = "excluded" if is_excluded(node, options) else exclude.get(node) or _ineligible(node, role, types)
         if why and (role == "compute" or why == "excluded" or node in exclude):
-            plan.skipped.append((_label(node), why))
+            plan.skipped.append((label(node), why))
         if why:
             continue
         coarse_why = _coarse_table(node, options.activation_type) if role == "shared" else None
@@ -129,7 +124,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
         else:
             plan.roles[node] = role
     for node, why in _prune_qlinear(plan, set(shared)).items():
-        plan.skipped.append((_label(node), why))
+        plan.skipped.append((label(node), why))
     for node in graph:
         if node.op_type in ("Relu", "Clip") and not is_excluded(node, options) and node not in exclude:
             producer = _foldable_into(node, plan.roles)
@@ -138,7 +133,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
     _add_shared(graph, plan, shared)
     for node, why in coarse:  # reported only where the lookup would have been quantized
         if _touches_quantized(node, plan):
-            plan.skipped.append((_label(node), why))
+            plan.skipped.append((label(node), why))
     _plan_tensors(plan, types)
     return plan
 
@@ -272,10 +267,7 @@ def _coarse_table(node: ir.Node, activation_type: str) -> str | None:
     else:
         rows = np.moveaxis(table.astype(np.float32), axis, 0).reshape(table.shape[axis], -1)
         lo, hi = float(rows.min()), float(rows.max())
-        params = activation_params(lo, hi, activation_type)
-        scale, zero = float(params.scale), float(params.zero_point)
-        _, qmin, qmax = ACTIVATION_TYPES[activation_type]
-        restored = (np.clip(np.round(rows / scale) + zero, qmin, qmax) - zero) * scale
+        restored = activation_params(lo, hi, activation_type).fake_quant(rows)
         norms = np.linalg.norm(rows, axis=1)
         errors = np.linalg.norm(restored - rows, axis=1) / np.where(norms > 0, norms, 1.0)
         error = float(np.median(errors))
@@ -471,6 +463,3 @@ def _plan_tensors(plan: StaticPlan, types) -> None:
                 low, high = _clip_bounds(act) if act.op_type == "Clip" else (0.0, np.inf)
                 plan.bounds[final.name] = (low, high)
 
-
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} {node.name}" if node.name else node.op_type

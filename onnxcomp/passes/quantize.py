@@ -28,16 +28,8 @@ from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.passes.equalize import SMOOTH_QUANT_TAG, equalize_model, smooth_quant_model
-from onnxcomp.passes.qdq import (
-    Names,
-    QParams,
-    add_initializer,
-    is_excluded,
-    is_x86,
-    opset_version,
-    saturating_u8s8,
-    weight_params,
-)
+from onnxcomp.graph import Layer, Names, add_initializer, is_standard, label, opset_version
+from onnxcomp.passes.qdq import QParams, is_excluded, is_x86, saturating_u8s8, weight_params
 from onnxcomp.passes.qdq_accuracy import (
     SensitivityReport,
     bias_correct,
@@ -292,44 +284,35 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
     names = Names(graph)
     report = []
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+        if not is_standard(node) or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
-        label = f"{node.op_type} {node.name}"
-        why = "excluded" if is_excluded(node, config) else _dynamic_ineligible(node)
+        layer = None if is_excluded(node, config) or node.op_type == "Conv" else Layer.of(node, graph)
+        why = "excluded" if is_excluded(node, config) else _dynamic_ineligible(node, layer)
         if why is None:
-            _dynamic_matmul(graph, names, node, config)
-        report.append((label, why))
+            _dynamic_matmul(graph, names, layer, config)
+        report.append((label(node), why))
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return report
 
 
-def _dynamic_ineligible(node: ir.Node) -> str | None:
+def _dynamic_ineligible(node: ir.Node, layer: Layer | str | None) -> str | None:
     if node.op_type == "Conv":
         return "ORT's CPU ConvInteger has no fused kernel (slower than the float Conv): left in float"
-    weight = node.inputs[1].const_value if not node.inputs[1].is_graph_input() else None
-    if weight is None:
-        return "B is not a constant weight"
-    if len(weight.shape) != 2:
-        return "the weight is not 2-D"
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return "Gemm with transA=1"
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        if c is not None and c.const_value is None:
-            return "the bias C is not a constant"
+    if isinstance(layer, str):
+        return layer
+    if node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1"
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and layer.bias() is None:
+        return "the bias C is not one value per output column"
     return None
 
 
-def _dynamic_matmul(graph: ir.Graph, names: Names, node: ir.Node, config: QuantizeDynamicConfig) -> None:
+def _dynamic_matmul(graph: ir.Graph, names: Names, layer: Layer, config: QuantizeDynamicConfig) -> None:
     """x @ W (+ bias) -> DynamicQuantizeLinear(x) · MatMulInteger(int8 W) · Cast · Mul(scales) (· Add)."""
+    node = layer.node
     base = node.name or node.outputs[0].name
-    w = node.inputs[1].const_value.numpy()
-    bias = None
-    if node.op_type == "Gemm":
-        attrs = node.attributes
-        w = (w.T if attrs.get_int("transB", 0) else w) * attrs.get_float("alpha", 1.0)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = node.inputs[2].const_value.numpy() * attrs.get_float("beta", 1.0)
+    w = layer.weight().T  # [K, N]
+    bias = layer.bias() if node.op_type == "Gemm" else None
     wp, wq = weight_params(w.astype(np.float32), 1 if config.per_channel else None,
                            method=config.weight_method, reduce_range=config.reduce_range)
     w_q = add_initializer(graph, names, f"{base}_weight_quantized", wq)
@@ -367,7 +350,7 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
         stats.skip(what, why)
     for node, role in plan.roles.items():
         if role == "compute":
-            stats.touch(f"{node.op_type} {node.name}: int8 weights, {cfg.activation_type} activations")
+            stats.touch(f"{label(node)}: int8 weights, {cfg.activation_type} activations")
     if plan.folded:
         stats.notes.append(f"{len(plan.folded)} Relu/Clip folded into the QuantizeLinear of their producer")
         stats.metrics["folded_activations"] = [act.name for act in plan.folded]

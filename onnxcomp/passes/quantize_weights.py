@@ -36,7 +36,7 @@ from pydantic import Field
 
 from onnxcomp.blockquant import BlockQuant, pack_bits, quantize_gptq, quantize_rtn, relative_error
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.passes.qdq import Names, add_initializer
+from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard, label
 from onnxcomp.registry import register
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
@@ -124,29 +124,39 @@ class QuantizeWeights(CompressionPass):
 
     def _target(self, node: ir.Node, stats: PassStats) -> _Target | None:
         """The MatMul/Gemm ``node`` as a quantization target, or None (with a skip reason when relevant)."""
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or not is_standard(node):
             return None
-        what = f"{node.op_type} {node.name}"
-        b = node.inputs[1] if len(node.inputs) > 1 else None
-        if b is None or b.const_value is None or b.is_graph_input():
-            stats.skip(what, "weight not constant")
+        what = label(node)
+        layer = Layer.of(node, runtime_bias=True)
+        if isinstance(layer, str):
+            stats.skip(what, layer)
             return None
-        if b.const_value.dtype not in _FLOAT_TYPES:
-            stats.skip(what, f"weight type {b.const_value.dtype} is not float32/float16")
+        array = constant_array(layer.weight_value)
+        if ir.DataType.from_numpy(array.dtype) not in _FLOAT_TYPES:
+            stats.skip(what, f"weight type {array.dtype} is not float32/float16")
             return None
-        array = b.const_value.numpy()
-        if array.ndim != 2:
-            stats.skip(what, f"weight has rank {array.ndim}; MatMulNBits needs a 2-D weight")
-            return None
-        if _excluded(self.config, node, b):
+        if _excluded(self.config, node, layer.weight_value):
             stats.skip(what, "excluded by name")
             return None
         if array.size < self.config.min_size:
             stats.skip(what, f"too small ({array.shape[0]}x{array.shape[1]} < min_size {self.config.min_size})")
             return None
-        if node.op_type == "MatMul":
-            return _Target(node, array.T.astype(np.float64), array.dtype)
-        return _gemm_target(node, array, what, stats)
+        if node.attributes.get_int("transA", 0):
+            stats.skip(what, "transA=1: MatMulNBits takes A untransposed")
+            return None
+        target = _Target(layer, layer.weight().astype(np.float64), array.dtype)
+        c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if c is None or node.attributes.get_float("beta", 1.0) == 0.0:
+            return target
+        bias = layer.bias()
+        if bias is not None:
+            target.bias = bias
+        elif node.attributes.get_float("beta", 1.0) != 1.0:
+            stats.skip(what, "C is not a constant [N] bias and beta != 1")
+            return None
+        else:
+            target.add_input = c
+        return target
 
     # -- calibration -----------------------------------------------------------------------------
 
@@ -173,7 +183,7 @@ def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassSta
         if table is None or table.const_value is None or table.is_graph_input() \
                 or table.const_value.dtype not in _FLOAT_TYPES:
             continue  # shape arithmetic and the like: not an embedding
-        what = f"Gather {node.name}"
+        what = label(node)
         array = table.const_value.numpy()
         reason = _gather_skip_reason(node, array, cfg)
         if reason is None and _excluded(cfg, node, table):
@@ -201,11 +211,15 @@ def _excluded(cfg: QuantizeWeightsConfig, node: ir.Node, weight: ir.Value) -> bo
 class _Target:
     """A MatMul/Gemm to rewrite: its weight as ``[N, K]`` float64, and (Gemm) its bias or C input."""
 
-    node: ir.Node
+    layer: Layer
     weight: np.ndarray
     dtype: np.dtype
     bias: np.ndarray | None = None
     add_input: ir.Value | None = None  # a C that must stay a separate Add
+
+    @property
+    def node(self) -> ir.Node:
+        return self.layer.node
 
     @property
     def input_name(self) -> str:
@@ -218,30 +232,6 @@ class _Target:
     @property
     def k(self) -> int:
         return self.weight.shape[1]
-
-
-def _gemm_target(node: ir.Node, b: np.ndarray, what: str, stats: PassStats) -> _Target | None:
-    """Gemm as ``A @ Wᵀ + bias`` (alpha folded into W, beta into a constant C), or None if not expressible."""
-    attrs = node.attributes
-    if attrs.get_int("transA", 0):
-        stats.skip(what, "transA=1: MatMulNBits takes A untransposed")
-        return None
-    alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
-    w = (b if attrs.get_int("transB", 0) else b.T).astype(np.float64) * alpha
-    target = _Target(node, w, b.dtype)
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    if c is None or beta == 0.0:
-        return target
-    if c.const_value is not None and not c.is_graph_input():
-        array = c.const_value.numpy()
-        if array.size == w.shape[0] and 1 <= array.ndim <= 2 and array.shape[-1] == w.shape[0]:
-            target.bias = (array.reshape(-1).astype(np.float64) * beta).astype(b.dtype)
-            return target
-    if beta != 1.0:
-        stats.skip(what, "C is not a constant [N] bias and beta != 1")
-        return None
-    target.add_input = c
-    return target
 
 
 def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsConfig) -> str | None:
@@ -273,7 +263,7 @@ def _rewrite_matmul(graph: ir.Graph, names: Names, target: _Target, quant: Block
     output = node.outputs[0]
     bias, add = target.bias, target.add_input
     if bias is None and add is None and cfg.fold_bias:
-        bias, output = _foldable_bias(output, n, target.dtype)
+        bias, output = _foldable_bias(target.layer, target.dtype)
     if bias is not None:  # inputs: A, B, scales, zero_points, g_idx, bias
         inputs += [None, add_initializer(graph, names, f"{base}_bias", bias)]
     attrs = {"K": k, "N": n, "bits": quant.bits, "block_size": quant.block_size}
@@ -286,23 +276,21 @@ def _rewrite_matmul(graph: ir.Graph, names: Names, target: _Target, quant: Block
     if add is not None:
         replaced.append(ir.node("Add", [new.outputs[0], add], name=names(f"{node.name}_bias")))
     _replace(graph, node, output, replaced)
+    transpose = target.layer.transpose
+    if transpose is not None and not transpose.outputs[0].uses():  # the weight was read through it
+        _replace_dead(graph, transpose)
     return _nbytes(inputs[1:])
 
 
-def _foldable_bias(output: ir.Value, n: int, dtype) -> tuple[np.ndarray | None, ir.Value]:
-    """If ``output``'s only use is ``Add(output, constant [N])``, that bias and the Add's output."""
-    uses = output.uses()
-    if len(uses) != 1 or output.is_graph_output():
-        return None, output
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None, output
-    other = add.inputs[1 - uses[0].idx]
-    if other is None or other.const_value is None or other.is_graph_input():
-        return None, output
-    array = other.const_value.numpy()
+def _foldable_bias(layer: Layer, dtype) -> tuple[np.ndarray | None, ir.Value]:
+    """A MatMul's bias Add of a constant [N] / [1, N] of the weight's dtype: that bias and the Add's
+    output; else (None, the MatMul's output)."""
+    add, n = layer.bias_add, layer.out_features
+    if add is None:
+        return None, layer.node.outputs[0]
+    array = constant_array(layer._bias_value())
     if array.dtype != dtype or array.shape not in ((n,), (1, n)):
-        return None, output
+        return None, layer.node.outputs[0]
     return array.reshape(n), add.outputs[0]
 
 
@@ -334,13 +322,18 @@ def _replace(graph: ir.Graph, node: ir.Node, output: ir.Value, new_nodes: list[i
     name = output.name
     output.replace_all_uses_with(result, replace_graph_outputs=True)
     for old in [*dead, node]:
-        inputs = list(old.inputs)
-        graph.remove(old, safe=True)
-        for value in inputs:  # weights nobody uses any more
-            if value is not None and value.name in graph.initializers and not value.uses() \
-                    and not value.is_graph_output():
-                del graph.initializers[value.name]
+        _replace_dead(graph, old)
     result.name = name
+
+
+def _replace_dead(graph: ir.Graph, node: ir.Node) -> None:
+    """Remove ``node`` (nothing reads its outputs) and the initializers only it read."""
+    inputs = list(node.inputs)
+    graph.remove(node, safe=True)
+    for value in inputs:  # weights nobody uses any more
+        if value is not None and value.name in graph.initializers and not value.uses() \
+                and not value.is_graph_output():
+            del graph.initializers[value.name]
 
 
 def _nbytes(values: list[ir.Value | None]) -> int:
