@@ -184,3 +184,31 @@ def test_matmul_reading_a_transposed_activation_is_not_a_layer():
     model = _model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
                     helper.make_node("MatMul", ["x", "xt"], ["y"], name="mm")], {}, [2, 2], [2, 2])
     assert find_layers(model.graph)[1] == [("MatMul mm", "weight is not a constant")]
+
+
+def test_storage_axis_bias_value_and_input_channel_index():
+    w = RNG.normal(size=(6, 4))  # MatMul stores [in, out]
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                    helper.make_node("Add", ["h", "b"], ["y"], name="add")], {"w": w, "b": np.ones(4)}, [3, 6], [3, 4])
+    layer = _only_layer(model)
+    assert layer.storage_out_axis == 1 and layer.bias_value().name == "b"
+    np.testing.assert_array_equal(layer.input_channel_index(), np.tile(np.arange(6), (4, 1)))
+    conv = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=2)],
+                  {"w": RNG.normal(size=(4, 1, 1, 1))}, [1, 2, 3, 3], [1, 4, 3, 3])
+    layer = _only_layer(conv)
+    assert layer.storage_out_axis == 0 and layer.bias_value() is None
+    np.testing.assert_array_equal(layer.input_channel_index().ravel(), [0, 0, 1, 1])  # 2 filters per group
+
+
+def test_runtime_bias_is_accepted_only_when_asked():
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(RNG.normal(size=(4, 3)).astype(np.float32), "w")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    node = next(iter(model.graph))
+    assert Layer.of(node) == "bias is not a constant"
+    layer = Layer.of(node, runtime_bias=True)
+    assert layer.bias() is None and layer.bias_value().name == "c"
