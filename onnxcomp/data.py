@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxcomp.errors import OnnxcompError
 
-__all__ = ["Dataset", "InputSpec", "load_data", "model_inputs", "synthetic_data"]
+__all__ = ["Dataset", "InputSpec", "load_data", "check_values", "check_label_range", "model_inputs", "synthetic_data"]
 
 LABEL_KEY = "label"
 
@@ -86,9 +86,14 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
 
 
 def load_data(
-    source: str | os.PathLike | Mapping[str, np.ndarray] | Dataset, model: ir.Model
+    source: str | os.PathLike | Mapping[str, np.ndarray] | Dataset, model: ir.Model, *,
+    allow_nonfinite: bool = False,
 ) -> Dataset:
-    """Read ``source`` (a .npz path, a mapping of arrays, or a Dataset), check it fits ``model``."""
+    """Read ``source`` (a .npz path, a mapping of arrays, or a Dataset), check it fits ``model``.
+
+    Float inputs must be finite unless ``allow_nonfinite`` (see :func:`check_values`);
+    labels must be class ids (one-hot rows are converted to ids).
+    """
     if isinstance(source, Dataset):
         data = source
     elif isinstance(source, Mapping):
@@ -98,7 +103,71 @@ def load_data(
     else:
         data = _read_npz(Path(source))
     _check(data, model_inputs(model))
+    check_values(data, allow_nonfinite=allow_nonfinite)
     return data
+
+
+def check_values(data: Dataset, *, allow_nonfinite: bool = False) -> None:
+    """Values a run can trust: finite float inputs, labels that are class ids.
+
+    A NaN/Inf input makes every output NaN and every comparison meaningless, so it is an
+    error naming the input and the first bad index unless ``allow_nonfinite``. Labels must
+    be one non-negative integer class id per sample (integral floats are accepted);
+    one-hot rows ([samples, classes], a single 1 per row) are converted to ids in place.
+    Whether the ids fit the model's class count is checked where the output is known
+    (:func:`check_label_range`).
+    """
+    src = data.source
+    if not allow_nonfinite:
+        for name, array in data.inputs.items():
+            if not np.issubdtype(array.dtype, np.inexact):
+                continue
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = [int(i) for i in np.argwhere(bad)[0]]
+                value = array[tuple(index)]
+                kind = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+                raise OnnxcompError(f"{src}: input '{name}' holds {kind} at index {index} ({int(bad.sum())} "
+                                    f"non-finite values); pass --allow-nonfinite if the model expects them")
+    if data.labels is not None:
+        data.labels = _class_ids(np.asarray(data.labels), len(data), src)
+
+
+def check_label_range(labels: np.ndarray | None, classes: int, source: str, output: str) -> None:
+    """Every label must be a class of ``output``'s ``classes`` scores."""
+    if labels is None or not len(labels):
+        return
+    index = int(np.argmax(labels))
+    if labels[index] >= classes:
+        raise OnnxcompError(f"{source}: label {int(labels[index])} at index {index} is outside output "
+                            f"'{output}''s {classes} classes (labels must be class ids 0..{classes - 1})")
+
+
+def _class_ids(labels: np.ndarray, n: int, src: str) -> np.ndarray:
+    if labels.ndim == 0 or labels.ndim > 2:
+        raise OnnxcompError(f"{src}: 'label' must hold one class id per sample (or one-hot rows); "
+                            f"got shape {list(labels.shape)}")
+    if len(labels) != n:
+        raise OnnxcompError(f"{src}: 'label' has {len(labels)} entries for {n} samples")
+    if labels.dtype == np.bool_ and labels.ndim == 1 or not (np.issubdtype(labels.dtype, np.number)
+                                                          or labels.dtype == np.bool_):
+        raise OnnxcompError(f"{src}: 'label' must hold integer class ids (got dtype {labels.dtype})")
+    if labels.ndim == 2:
+        values = labels.astype(np.float64)
+        if not (np.isin(values, (0, 1)).all() and (values.sum(axis=1) == 1).all()):
+            row = int(np.argmax(~(np.isin(values, (0, 1)).all(axis=1) & (values.sum(axis=1) == 1))))
+            raise OnnxcompError(f"{src}: 2-D 'label' must be one-hot rows (a single 1 per row); row {row} is not")
+        return values.argmax(axis=1).astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.integer):
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            index = int(np.argmin(whole))
+            raise OnnxcompError(f"{src}: 'label' must hold integer class ids; entry {index} is {labels[index]!r}")
+        labels = labels.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        index = int(np.argmin(labels))
+        raise OnnxcompError(f"{src}: 'label' holds a negative class id {int(labels[index])} at index {index}")
+    return labels
 
 
 def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
@@ -121,10 +190,18 @@ def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
 
 
 def _read_npz(path: Path) -> Dataset:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise OnnxcompError(f"{str(path)[:60]}…: cannot open data file ({exc.strerror}; too long?)") from None
+    if not found:
         raise OnnxcompError(f"{path}: no such data file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise OnnxcompError(f"{path}: a .npy array, not an .npz of arrays keyed by input name "
+                                f"(np.savez(path, {{input_name: array, ...}}))")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise OnnxcompError(f"{path}: not a readable .npz data file ({str(exc).splitlines()[0][:160]})") from None
@@ -176,8 +253,6 @@ def _check(data: Dataset, specs: list[InputSpec]) -> None:
                     f"the file holds only {n} samples"
                 )
             data.fixed_batch = spec.dims[0]
-    if data.labels is not None and len(data.labels) != n:
-        raise OnnxcompError(f"{src}: 'label' has {len(data.labels)} entries for {n} samples")
 
 
 def _dims_text(dims) -> str:

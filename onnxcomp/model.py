@@ -12,10 +12,13 @@ the input, and switches to external data when the model would pass protobuf's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import onnx
@@ -29,6 +32,10 @@ from onnxcomp.errors import OnnxcompError
 __all__ = [
     "load_model",
     "save_model",
+    "check_outputs",
+    "check_path",
+    "atomic_outputs",
+    "input_files",
     "clone_model",
     "model_nbytes",
     "has_external_tensors",
@@ -37,6 +44,9 @@ __all__ = [
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**26
+_PATH_MAX = 4096  # Linux PATH_MAX (bytes, with the terminating NUL)
+_NAME_MAX = 255  # bytes in one path component
+_TMP_EXTRA = 32  # room for the hidden temporary directory of an atomic write
 
 
 def load_model(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
@@ -47,7 +57,7 @@ def load_model(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Mo
     missing, and IR versions / opsets the installed onnxruntime cannot run.
     With ``lift_constants`` tensor-valued ``Constant`` nodes become initializers.
     """
-    path = Path(path)
+    path = check_path(path, "model")
     if not path.exists():
         raise OnnxcompError(f"{path}: no such file")
     if not path.is_file():
@@ -69,45 +79,147 @@ def save_model(
     model: ir.Model,
     path: str | os.PathLike,
     *,
-    protect: tuple[str | os.PathLike, ...] = (),
+    protect: Sequence[str | os.PathLike] = (),
     external_data: bool | None = None,
+    extra: Sequence[tuple[str | os.PathLike, Callable[[int], str]]] = (),
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
     ``protect`` lists files that must never be overwritten (the input model and its
-    external data). External data is used when asked, or (``None``) when the
-    weights pass the protobuf limit; it is written as ``<name>.data`` beside the
-    model. Either every file lands or none does.
+    external data: see :func:`input_files`). External data is used when asked, or
+    (``None``) when the weights pass the protobuf limit; it is written as
+    ``<name>.data`` beside the model. ``extra`` are other files of the same run (a
+    report): each callable gets the written model's size in bytes (with its external
+    data) and returns the file's text. Every path is checked before the first byte is
+    written; the files are written to temporary names and renamed into place only once
+    all of them are complete (external data first, the model, then the extras).
     """
     path = Path(path)
-    target_dir = path.parent if str(path.parent) else Path(".")
-    if not target_dir.is_dir():
-        raise OnnxcompError(f"{path}: output folder {target_dir} does not exist")
-    if not os.access(target_dir, os.W_OK):
-        raise OnnxcompError(f"{path}: output folder {target_dir} is not writable")
-    data_name = path.name + ".data"
-    protected = {_real(p) for p in protect} | _external_files(model)
-    for candidate in (path, target_dir / data_name):
-        if _real(candidate) in protected:
-            raise OnnxcompError(f"{path}: refusing to overwrite the input model or its data")
     if external_data is None:
         external_data = model_nbytes(model) > PROTOBUF_LIMIT
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target_dir))
-    try:
-        tmp_model = tmp_dir / path.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
-            os.replace(tmp_dir / data_name, target_dir / data_name)
-        else:
-            _materialise(model)
-            ir.save(model, tmp_model)
-        os.replace(tmp_model, path)
-    except OSError as exc:
-        raise OnnxcompError(f"{path}: cannot write ({_short(exc)})") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    data_path = path.with_name(path.name + ".data")
+    extra_paths = [Path(p) for p, _ in extra]
+    targets = ([data_path] if external_data else []) + [path] + extra_paths
+    check_outputs(targets, protect=(*protect, *_external_files(model)))
+    with atomic_outputs(targets) as temps:
+        tmp_model = temps[1] if external_data else temps[0]
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_path.name)
+            else:
+                _materialise(model)
+                ir.save(model, tmp_model)
+        except OSError as exc:
+            raise OnnxcompError(f"{_shown(path)}: cannot write ({_short(exc)})") from None
+        size = sum(t.stat().st_size for t in temps[: 2 if external_data else 1])
+        for tmp, (_, render) in zip(temps[len(targets) - len(extra):], extra):
+            tmp.write_text(render(size), encoding="utf-8")
     return path
+
+
+def check_path(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path, or OnnxcompError when the system could never open it (too long)."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise OnnxcompError(f"{what} path {_shown(text)!r} holds a NUL byte")
+    if len(os.fsencode(text)) >= _PATH_MAX:
+        raise OnnxcompError(f"{what} path {_shown(text)} is too long ({len(text)} characters; the limit "
+                            f"is {_PATH_MAX - 1})")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise OnnxcompError(f"{what} path {_shown(text)}: the name {_shown(part)} is too long "
+                                f"({len(part)} characters; the limit is {_NAME_MAX})")
+    return Path(text)
+
+
+def check_outputs(paths: Sequence[str | os.PathLike], *, protect: Sequence[str | os.PathLike] = (),
+                  kinds: Sequence[str] | None = None) -> None:
+    """Refuse, before any work, outputs that cannot or must not be written.
+
+    Each path must fit the system's limits (with room for the temporary name), sit in an
+    existing writable folder, be a regular file if it exists (never a folder or a device
+    such as /dev/null, which an atomic rename would replace), differ from every other
+    output, and not be one of ``protect`` (the input model and its external data).
+    ``kinds`` names each path in messages (e.g. "--report").
+    """
+    seen: dict[str, str] = {}
+    protected = {_real(p) for p in protect}
+    for index, raw in enumerate(paths):
+        what = kinds[index] if kinds else "output"
+        path = check_path(raw, what)
+        if len(os.fsencode(os.path.abspath(path))) + _TMP_EXTRA >= _PATH_MAX:
+            raise OnnxcompError(f"{what} path {_shown(path)} is too long (no room for a temporary name)")
+        if len(os.fsencode(path.name)) > _NAME_MAX:
+            raise OnnxcompError(f"{what} {_shown(path)}: the name is too long ({len(path.name)} characters; "
+                                f"the limit is {_NAME_MAX})")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise OnnxcompError(f"{_shown(path)}: output folder {_shown(folder)} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OnnxcompError(f"{_shown(path)}: output folder {_shown(folder)} is not writable")
+        real = _real(path)
+        if real in protected:
+            raise OnnxcompError(f"{what} {_shown(path)}: output path is the input model or one of its external "
+                                f"data files; refusing to overwrite it")
+        if os.path.lexists(path):
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                mode = 0  # a dangling symlink: the rename would replace the link itself
+            if mode and not stat.S_ISREG(mode):
+                kind = "a folder" if stat.S_ISDIR(mode) else "a device or special file"
+                raise OnnxcompError(f"{what} {_shown(path)} exists and is not a regular file ({kind})")
+        if real in seen:
+            raise OnnxcompError(f"{what} {_shown(path)} is the same file as {seen[real]}")
+        seen[real] = f"{what} {_shown(path)}"
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths for ``paths`` (same folder, hidden directory); all land or none does.
+
+    On a normal exit every temporary file that was written is renamed over its target, in
+    the order given; on an exception nothing is renamed. The temporary directories are
+    removed either way (a SIGKILL can leave one behind: ``.onnxcomp-*``, never a target).
+    """
+    finals = [Path(p) for p in paths]
+    dirs: dict[Path, Path] = {}
+    temps = []
+    try:
+        for final in finals:
+            folder = final.parent if str(final.parent) else Path(".")
+            if folder not in dirs:
+                dirs[folder] = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=folder))
+            temps.append(dirs[folder] / final.name)
+        yield temps
+        for tmp, final in zip(temps, finals):
+            if tmp.exists():
+                os.replace(tmp, final)
+    except OSError as exc:
+        raise OnnxcompError(f"cannot write {_shown(finals[0])} ({_short(exc)})") from None
+    finally:
+        for folder in dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def input_files(path: str | os.PathLike) -> set[str]:
+    """Real paths of the model file ``path`` and of every external data file it names.
+
+    These must never be overwritten by a run that reads them. A file that cannot be read
+    as ONNX protects only itself (loading it fails later with a clear message).
+    """
+    path = Path(path)
+    files = {_real(path)}
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable file: load_model reports it
+        return files
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if location:
+                files.add(_real(path.parent / location))
+    return files
 
 
 def clone_model(model: ir.Model) -> ir.Model:
@@ -254,6 +366,12 @@ def _materialise(model: ir.Model) -> None:
 
 def _real(path: str | os.PathLike) -> str:
     return os.path.realpath(os.fspath(path))
+
+
+def _shown(path: str | os.PathLike, limit: int = 120) -> str:
+    """A path short enough for a one-line message."""
+    text = os.fspath(path)
+    return text if len(text) <= limit else f"{text[:40]}…{text[-(limit - 41):]}"
 
 
 def _short(exc: BaseException) -> str:

@@ -19,13 +19,13 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, load_data, synthetic_data
 from onnxcomp.errors import GateFailed, OnnxcompError
-from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, load_model, model_nbytes, save_model
+from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, input_files, load_model, model_nbytes, save_model
 from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
 from onnxcomp.runtime import open_session
-from onnxcomp.validate import check_gate, compare, select_target
+from onnxcomp.validate import check_data, check_gate, compare, select_target
 
 __all__ = ["compress", "run_passes", "verify_model", "Result"]
 
@@ -39,6 +39,7 @@ class Result:
     model: ir.Model
     report: dict[str, Any]
     input_path: Path | None = None
+    protect: tuple[str, ...] = ()  # the input model and its external data files
 
     @property
     def gate_passed(self) -> bool:
@@ -49,14 +50,24 @@ class Result:
         return self.report["gate"]["failures"]
 
     def save(self, path: str | os.PathLike, *, force: bool = False,
-             external_data: bool | None = None) -> Path:
-        """Write the model atomically; refuses when the gate failed unless ``force``."""
+             external_data: bool | None = None, report: str | os.PathLike | None = None) -> Path:
+        """Write the model atomically (and the JSON ``report`` with it); refuses when the gate
+        failed unless ``force``. Never over the input model or its external data."""
         if not self.gate_passed and not force:
             raise GateFailed("validation gate failed, nothing written: " + "; ".join(self.failures))
-        protect = (self.input_path,) if self.input_path else ()
-        written = save_model(self.model, path, protect=protect, external_data=external_data)
-        self.report["output"] = str(written)
-        self.report["compressed"]["size_bytes"] = _file_size(written)
+        from onnxcomp.report import report_json
+
+        def render(size: int) -> str:
+            self.report["output"] = str(path)
+            self.report["compressed"]["size_bytes"] = size
+            return report_json(self.report)
+
+        if external_data is None:
+            external_data = model_nbytes(self.model) > PROTOBUF_LIMIT
+        extra = [(report, render)] if report is not None else []
+        written = save_model(self.model, path, protect=self.protect, external_data=external_data, extra=extra)
+        if not extra:
+            render(_file_size(written, external_data))
         return written
 
 
@@ -71,25 +82,41 @@ def compress(
     latency_runs: int = 30,
     batch_size: int = 32,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Result:
     """Run ``recipe`` on ``model``, validate against the original, and check the gate.
 
     ``model`` is a path or an onnx-ir model (left untouched: the passes work on a copy).
     ``calib``/``val`` are .npz paths, mappings of arrays, or Datasets. Without ``val``
-    fidelity is measured on seeded synthetic inputs and accuracy is not reported.
+    fidelity is measured on ``calib`` (``report["fidelity"]["data_kind"]`` says which), and
+    without either on seeded synthetic inputs: then the gate was not checked on real data.
+    NaN/Inf in float inputs is an error unless ``allow_nonfinite``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    for name, value in (("seed", seed), ("latency_runs", latency_runs), ("batch_size", batch_size)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                                  or value < (1 if name == "batch_size" else 0)):
+            raise OnnxcompError(f"{name} must be a non-negative integer (got {value!r})")
     input_path = None
+    protect: tuple[str, ...] = ()
     if isinstance(model, ir.Model):
         original = model
     else:
         input_path = Path(model)
         original = load_model(input_path)
-    select_target(original, recipe.gate.output, recipe.gate.mask_input,  # a bad name fails before any work
-                  fields=(f"{recipe.source}: gate.output", f"{recipe.source}: gate.mask_input"))
+        protect = tuple(sorted(input_files(input_path)))
+    target = select_target(original, recipe.gate.output, recipe.gate.mask_input,  # a bad name fails early
+                           fields=(f"{recipe.source}: gate.output", f"{recipe.source}: gate.mask_input"))
     seed = recipe.seed if seed is None else seed
-    calib_data = load_data(calib, original) if calib is not None else None
-    val_data = load_data(val, original) if val is not None else None
+    calib_data = load_data(calib, original, allow_nonfinite=allow_nonfinite) if calib is not None else None
+    val_data = load_data(val, original, allow_nonfinite=allow_nonfinite) if val is not None else None
+    if val_data is not None:
+        eval_data, data_kind = val_data, "validation"
+    elif calib_data is not None:
+        eval_data, data_kind = calib_data, "calibration"
+    else:
+        eval_data, data_kind = synthetic_data(original, seed=seed), "synthetic"
+    check_data(original, eval_data, target)
     for step in recipe.steps:  # fail before any work when data is missing
         if get_pass(step.name).calibration_needed(step.config) and calib_data is None:
             raise OnnxcompError(f"{recipe.source}: pass '{step.name}' needs calibration data: pass --calib DATA.npz")
@@ -102,7 +129,6 @@ def compress(
     stats = run_passes(working, recipe, context, verify_each=verify_each)
     verify_model(working, "the compressed model")
 
-    eval_data = val_data if val_data is not None else synthetic_data(original, seed=seed)
     shapes = {k: v.shape for k, v in eval_data.inputs.items()}
     report: dict[str, Any] = {
         "model": str(input_path) if input_path else "<in-memory>",
@@ -115,7 +141,8 @@ def compress(
     fidelity = compare(original, working, eval_data, batch_size=batch_size,
                        progress=_progress_bar("validating") if progress else None,
                        output=recipe.gate.output, mask_input=recipe.gate.mask_input)
-    fidelity["synthetic_inputs"] = val_data is None
+    fidelity["synthetic_inputs"] = data_kind == "synthetic"
+    fidelity["data_kind"] = data_kind
     report["fidelity"] = fidelity
     if latency_runs:
         report["original"]["latency"] = measure_latency(original, eval_data, runs=latency_runs)
@@ -132,8 +159,9 @@ def compress(
         "passed": not failures,
         "failures": failures,
         "unchecked": unchecked,
+        "data_kind": data_kind,  # validation | calibration | synthetic (then not checked on real data)
     }
-    return Result(working, report, input_path)
+    return Result(working, report, input_path, protect)
 
 
 def run_passes(model: ir.Model, recipe: Recipe, context: PassContext, *,
@@ -199,7 +227,7 @@ def _progress_bar(label: str):
     return update
 
 
-def _file_size(path: Path) -> int:
+def _file_size(path: Path, external: bool) -> int:
     size = path.stat().st_size
     data = path.with_name(path.name + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
+    return size + (data.stat().st_size if external and data.exists() else 0)

@@ -20,14 +20,16 @@ import importlib.resources
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.passes.base import PassConfig
 from onnxcomp.registry import get_pass
+
+if TYPE_CHECKING:
+    from onnxcomp.passes.base import PassConfig
 
 __all__ = ["Gate", "Recipe", "PassStep", "load_recipe", "parse_recipe", "shipped_recipes"]
 

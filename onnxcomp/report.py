@@ -271,11 +271,26 @@ def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write the report atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write the report atomically (non-finite numbers as the strings "inf", "-inf", "nan")."""
+    from onnxcomp.model import atomic_outputs
+
+    with atomic_outputs([path]) as (tmp,):
+        tmp.write_text(report_json(report), encoding="utf-8")
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """The report as strict JSON text: non-finite floats become "inf", "-inf" or "nan"."""
+    return json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return "nan" if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
 
 
 def _json_default(obj):
@@ -331,6 +346,8 @@ def print_summary(report: dict[str, Any], console=None) -> None:
         table = Table(title=f"fidelity on {fid['samples']} samples of {fid['data']}", title_justify="left")
         table.add_column("metric")
         table.add_column("value", justify="right")
+        if fid.get("nonfinite_values"):
+            table.add_row("non-finite outputs (NaN/Inf)", f"{fid['nonfinite_values']:,}")
         for key in ("accuracy_original", "accuracy_compressed", "accuracy_drop", "top1_agreement",
                     "cosine", "max_abs_error", "mean_abs_error", "kl"):
             if fid.get(key) is not None:
@@ -345,9 +362,23 @@ def print_summary(report: dict[str, Any], console=None) -> None:
             if fid.get("mask_note"):
                 line += f"; {fid['mask_note']}"
             console.print(line, soft_wrap=True, markup=False, highlight=False)
+        kind = fid.get("data_kind") or ("synthetic" if fid.get("synthetic_inputs") else None)
+        if kind == "calibration":
+            console.print("fidelity measured on the calibration data (no --val given)", soft_wrap=True,
+                          markup=False, highlight=False)
+        elif kind == "synthetic":
+            console.print("[yellow]fidelity figures come from synthetic random inputs (no --val or --calib): "
+                          "the gate was not checked on real data[/yellow]", soft_wrap=True, highlight=False)
+        if fid.get("labels_note"):
+            console.print(fid["labels_note"], soft_wrap=True, markup=False, highlight=False)
     gate = report.get("gate")
-    if gate and gate.get("checked"):
-        verdict = "[green]passed[/green]" if gate["passed"] else "[red]FAILED[/red]"
-        console.print(f"gate {verdict}" + "".join(f"\n  - {f}" for f in gate["failures"]))
+    if gate and (gate.get("checked") or gate.get("failures")):
+        synthetic = gate.get("data_kind") == "synthetic"
+        if gate["passed"]:
+            verdict = "[yellow]held on synthetic inputs only[/yellow]" if synthetic else "[green]passed[/green]"
+        else:
+            verdict = "[red]FAILED[/red]"
+        console.print(f"gate {verdict}" + "".join(f"\n  - {f}" for f in gate["failures"]),
+                      soft_wrap=True, highlight=False)
         for line in gate.get("unchecked", []):
             console.print(f"  [yellow]{line}[/yellow]")

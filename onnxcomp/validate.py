@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import Dataset, model_inputs
+from onnxcomp.data import Dataset, check_label_range, model_inputs
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.recipe import Gate
 from onnxcomp.runtime import open_session, run_batches
 
-__all__ = ["compare", "reference_outputs", "check_gate", "select_target", "Target", "AUTO_MASK"]
+__all__ = ["compare", "reference_outputs", "check_gate", "check_data", "select_target", "Target", "AUTO_MASK"]
 
 AUTO_MASK = "auto"
 
@@ -76,6 +76,18 @@ def select_target(model: ir.Model, output: str | None = None, mask_input: str | 
     return Target(output, mask_input)
 
 
+def check_data(model: ir.Model, data: Dataset, target: Target) -> None:
+    """What can be known about ``data`` before running anything: a mask with kept positions,
+    labels within the headline output's class count when that count is static."""
+    if target.mask is not None and target.mask in data.inputs and not np.any(data.inputs[target.mask]):
+        raise OnnxcompError(f"{data.source}: mask input '{target.mask}' is 0 everywhere: every position is "
+                            f"padding, nothing left to compare")
+    value = next(v for v in model.graph.outputs if v.name == target.output)
+    dims = list(value.shape) if value.shape is not None else []
+    if data.labels is not None and len(dims) == 2 and isinstance(dims[1], int) and dims[1] > 1:
+        check_label_range(data.labels, dims[1], data.source, target.output)
+
+
 def compare(
     original: ir.Model,
     compressed: ir.Model,
@@ -99,7 +111,9 @@ def compare(
     when an asked-for mask is not used, ``mask_note``.
     """
     target = select_target(original, output, mask_input)
+    check_data(original, data, target)
     labels = data.used_labels()
+    labels_note = None
     acc = _Accumulator()
     total = -(-len(data) // (data.fixed_batch or batch_size))
     masked: dict[str, None] = {}
@@ -137,7 +151,13 @@ def compare(
                     acc.errors(a, b)
                 if position == head:
                     n = len(a) if a.ndim else 1
-                    y = None if labels is None else labels[start : start + n]
+                    if labels is not None and index == 0:
+                        if a.ndim == 2 and a.shape[1] > 1:
+                            check_label_range(data.labels, a.shape[1], data.source, target.output)
+                        else:
+                            labels_note = (f"labels not used: output '{target.output}' has shape "
+                                           f"{list(a.shape)}, not [batch, classes]")
+                    y = None if labels is None or labels_note else labels[start : start + n]
                     acc.headline(a, b, y, select)
             start += len(next(iter(feed.values())))
             if progress:
@@ -146,6 +166,8 @@ def compare(
     result.update(samples=start, data=data.source, output=target.output, mask=target.mask,
                   masked_outputs=list(masked),
                   mask_kept=kept / positions if positions else None)
+    if labels_note:
+        result["labels_note"] = labels_note
     if target.note:
         result["mask_note"] = target.note
     elif target.mask is not None and not masked:
@@ -164,12 +186,16 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     """(failures, unchecked) of ``gate``: it holds when there are no failures.
 
     A threshold whose metric does not exist for this run (accuracy without labels,
-    fused ratio without quantized nodes) is listed as unchecked, not failed.
+    fused ratio without quantized nodes) is listed as unchecked, not failed. Non-finite
+    compressed outputs where the original's are finite always fail, thresholds or not.
     ``extra`` carries fused_ratio and size_ratio.
     """
     failures: list[str] = []
     unchecked: list[str] = []
     fid = fidelity or {}
+    if fid.get("nonfinite_values"):  # whatever the thresholds: a NaN/Inf result is never a match
+        failures.append(f"the compressed model gives {fid['nonfinite_values']} non-finite (NaN/Inf) output "
+                        f"values where the original's are finite or different")
 
     def need(key: str, value, bound, ok: bool, text: str):
         if bound is None:
@@ -208,6 +234,7 @@ class _Accumulator:
     """Streaming sums for the fidelity metrics."""
 
     def __init__(self):
+        self.nonfinite = 0
         self.max_abs = 0.0
         self.abs_sum = 0.0
         self.abs_count = 0
@@ -221,28 +248,42 @@ class _Accumulator:
         self.labelled = 0
 
     def errors(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Absolute errors; a value non-finite in one model and not equal in the other is an infinite error."""
         if a.size == 0:
             return
-        diff = np.abs(a - b)
-        self.max_abs = max(self.max_abs, float(np.nanmax(diff)))
+        diff, mismatch = _abs_diff(a, b)
+        self.nonfinite += int(mismatch.sum())
+        self.max_abs = max(self.max_abs, float(diff.max()))
         self.abs_sum += float(diff.sum())
         self.abs_count += diff.size
 
     def headline(self, a: np.ndarray, b: np.ndarray, labels: np.ndarray | None,
                  keep: np.ndarray | None = None) -> None:
-        """Per-sample metrics; ``keep`` [batch, seq] leaves out positions (and samples with none kept)."""
+        """Per-sample metrics; ``keep`` [batch, seq] leaves out positions (and samples with none kept).
+
+        A sample whose compressed output has a non-finite value where the original's differs
+        is the worst case of every metric: cosine -1, top-1 disagreement, infinite KL, wrong.
+        """
         if keep is not None:
             rows = keep.any(axis=1)
             a, b, keep = a[rows], b[rows], keep[rows]
             labels = None if labels is None else labels[rows]
             weight = keep.reshape(keep.shape + (1,) * (a.ndim - 2))
-            a2 = (a * weight).reshape(len(a), -1)  # zeros at padding: the cosine of the kept positions
-            b2 = (b * weight).reshape(len(b), -1)
+            a2 = np.where(weight, a, 0.0).reshape(len(a), -1)  # zeros at padding: the kept positions' cosine
+            b2 = np.where(weight, b, 0.0).reshape(len(b), -1)
         else:
             a2 = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)
             b2 = b.reshape(len(b), -1) if b.ndim else b.reshape(1, 1)
-        norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-        cos = np.where(norms > 0, (a2 * b2).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+        _, mismatch = _abs_diff(a2, b2)
+        bad = mismatch.any(axis=1)
+        finite = np.isfinite(a2) & np.isfinite(b2)  # equal non-finite values: left out of the cosine
+        a2, b2 = np.where(finite, a2, 0.0), np.where(finite, b2, 0.0)
+        norm_a, norm_b = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+        norms = norm_a * norm_b
+        with np.errstate(invalid="ignore", over="ignore"):
+            cos = np.where(norms > 0, (a2 * b2).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
+        cos = np.where((norm_a == 0) & (norm_b == 0), 1.0, cos)  # both zero: identical; one zero: cosine 0
+        cos = np.where(bad, -1.0, np.clip(cos, -1.0, 1.0))
         self.cos_sum += float(cos.sum())
         self.rows += len(a2)
         if a.ndim == 2 and a.shape[1] > 1:
@@ -250,17 +291,21 @@ class _Accumulator:
             if keep is not None:  # scores over positions: padding can be neither top-1 nor probable
                 a, b = np.where(keep, a, -np.inf), np.where(keep, b, -np.inf)
             top_o, top_n = a.argmax(axis=1), b.argmax(axis=1)
-            self.agree += int((top_o == top_n).sum())
-            p = _softmax(a)
-            q = _softmax(b)
-            self.kl_sum += float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum())
+            self.agree += int(((top_o == top_n) & ~bad).sum())
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                p = _softmax(a)
+                q = _softmax(b)
+                kl = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=1)
+            kl = np.where(bad, np.inf, np.where(np.isfinite(kl), kl, 0.0))
+            self.kl_sum += float(kl.sum())
             if labels is not None and labels.ndim == 1:
                 self.correct_o += int((top_o == labels).sum())
-                self.correct_n += int((top_n == labels).sum())
+                self.correct_n += int(((top_n == labels) & ~bad).sum())
                 self.labelled += len(labels)
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "nonfinite_values": self.nonfinite,
             "max_abs_error": self.max_abs,
             "mean_abs_error": self.abs_sum / max(self.abs_count, 1),
             "cosine": self.cos_sum / max(self.rows, 1),
@@ -275,6 +320,17 @@ class _Accumulator:
             out["accuracy_compressed"] = self.correct_n / self.labelled
             out["accuracy_drop"] = out["accuracy_original"] - out["accuracy_compressed"]
         return out
+
+
+def _abs_diff(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|a - b|, mismatch): where a value is non-finite in either model and the two differ
+    (NaN vs NaN counts as equal) the error is infinite and ``mismatch`` is set."""
+    finite = np.isfinite(a) & np.isfinite(b)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    mismatch = ~finite & ~same
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite, np.abs(a - b), np.where(mismatch, np.inf, 0.0))
+    return diff, mismatch
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,343 @@
+"""Validation that cannot be fooled, no data lost, exit codes that hold (issue 15, findings 1-7).
+
+Each test reproduces one way a user could be told "gate passed" about a broken result, lose
+data, or get a traceback where exit 2 is promised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import numpy_helper
+
+import onnxcomp
+from onnxcomp.cli import main
+from onnxcomp.data import Dataset, load_data
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import load_model
+from onnxcomp.recipe import Gate, shipped_recipes
+from onnxcomp.validate import check_gate, compare
+from tests.conftest import DIGITS, MODELS, ROOT
+
+
+def _with_bias(src: Path, dst: Path, name: str, value: float) -> Path:
+    proto = onnx.load(src)
+    for i, init in enumerate(proto.graph.initializer):
+        if init.name == name:
+            array = numpy_helper.to_array(init).copy()
+            array[:] = value
+            proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            break
+    else:
+        raise AssertionError(f"no initializer {name}")
+    onnx.save(proto, dst)
+    return dst
+
+
+def _one_line_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("onnxcomp: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+# --- finding 1: NaN / Inf outputs never score as a match ---------------------------------
+
+
+def test_nan_outputs_fail_every_metric_and_validate_exits_3(tmp_path, mlp_path, val_path, capsys):
+    nan_model = _with_bias(mlp_path, tmp_path / "nan.onnx", "fc3.bias", np.nan)
+    report = tmp_path / "r.json"
+    code = main(["validate", str(mlp_path), str(nan_model), "--val", str(val_path), "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == 3, out
+    fid = json.loads(report.read_text())["fidelity"]
+    assert fid["nonfinite_values"] == 497 * 10  # every logit of every sample
+    assert fid["cosine"] == -1.0 and fid["top1_agreement"] == 0.0 and fid["accuracy_compressed"] == 0.0
+    assert fid["max_abs_error"] == "inf" and fid["mean_abs_error"] == "inf" and fid["kl"] == "inf"
+    assert "non-finite" in out
+
+
+def test_one_inf_logit_fails_its_row_and_the_gate(mlp_path, val_path):
+    original = load_model(mlp_path)
+    broken = load_model(mlp_path)
+    bias = broken.graph.initializers["fc3.bias"]
+    array = bias.const_value.numpy().copy()
+    array[3] = np.inf
+    import onnx_ir as ir
+
+    bias.const_value = ir.Tensor(array, name="fc3.bias")
+    data = load_data(val_path, original).head(20)
+    fid = compare(original, broken, data)
+    assert fid["nonfinite_values"] == 20 and fid["max_abs_error"] == float("inf")
+    assert fid["cosine"] == -1.0
+    failures, _ = check_gate(Gate(), fid, {})  # no thresholds at all: still a failure
+    assert failures and "non-finite" in failures[0]
+    failures, _ = check_gate(Gate(min_cosine=-1.0, max_abs_error=1e9), fid, {})
+    assert len(failures) >= 2
+
+
+def test_all_zero_output_is_not_a_perfect_cosine(mlp_path, val_path):
+    """A norm of 0 on one side only is cosine 0, not the 1.0 fallback."""
+    original = load_model(mlp_path)
+    zero = load_model(mlp_path)
+    import onnx_ir as ir
+
+    for name in ("fc3.weight", "fc3.bias"):
+        value = zero.graph.initializers[name]
+        value.const_value = ir.Tensor(np.zeros_like(value.const_value.numpy()), name=name)
+    fid = compare(original, zero, load_data(val_path, original).head(10))
+    assert fid["cosine"] == 0.0
+
+
+def test_nan_compressed_model_fails_the_run_gate(tmp_path, mlp_path, val_path):
+    """End to end: compress -> validate refuses to call a NaN model a match (no thresholds needed)."""
+    nan_model = _with_bias(mlp_path, tmp_path / "nan.onnx", "fc3.bias", np.nan)
+    result = onnxcomp.compress(nan_model, {"passes": ["cleanup"]}, val=val_path, latency_runs=0)
+    # both models give NaN everywhere: identical, not a failure of the compression
+    assert result.report["fidelity"]["nonfinite_values"] == 0
+    result = onnxcomp.compress(mlp_path, {"passes": ["cleanup"]}, val=val_path, latency_runs=0)
+    assert result.gate_passed
+
+
+# --- finding 2: non-finite input data ------------------------------------------------------
+
+
+def test_nonfinite_input_data_exit_2_names_input_and_index(tmp_path, mlp_path, val_path, capsys):
+    arrays = dict(np.load(val_path))
+    arrays["input"][7, 0, 3, 5] = np.inf
+    bad = tmp_path / "inf.npz"
+    np.savez(bad, **arrays)
+    out = tmp_path / "o.onnx"
+    code = main(["run", "cleanup", "-m", str(mlp_path), "-o", str(out), "--val", str(bad), "--latency-runs", "0"])
+    _one_line_error(capsys, code, "inf.npz", "input 'input'", "[7, 0, 3, 5]", "--allow-nonfinite")
+    logits = tmp_path / "t.npy"
+    code = main(["logits", str(mlp_path), str(bad), "-o", str(logits)])
+    _one_line_error(capsys, code, "[7, 0, 3, 5]")
+    assert not out.exists() and not logits.exists()
+    arrays["input"][7, 0, 3, 5] = np.nan
+    with pytest.raises(OnnxcompError, match=r"NaN at index \[7, 0, 3, 5\]"):
+        load_data(arrays, load_model(mlp_path))
+    # explicit opt-in: accepted
+    assert len(load_data(arrays, load_model(mlp_path), allow_nonfinite=True)) == 497
+    code = main(["logits", str(mlp_path), str(bad), "-o", str(logits), "--allow-nonfinite"])
+    assert code == 0 and logits.exists()
+
+
+# --- finding 3: labels --------------------------------------------------------------------
+
+
+def test_labels_out_of_range_exit_2(tmp_path, mlp_path, val_path, capsys):
+    arrays = dict(np.load(val_path))
+    arrays["label"] = arrays["label"] + 100
+    bad = tmp_path / "lab.npz"
+    np.savez(bad, **arrays)
+    code = main(["run", "cleanup", "-m", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--val", str(bad),
+                 "--latency-runs", "0"])
+    _one_line_error(capsys, code, "lab.npz", "label", "10 classes")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.full(497, 2.5), "integer class ids"),
+    (np.full(497, -1), "negative"),
+    (np.zeros(496, np.int64), "496 entries for 497 samples"),
+    (np.zeros((497, 10, 2), np.int64), "label"),
+    (np.full((497, 10), 0.5), "one-hot"),
+    (np.array(3), "label"),
+])
+def test_bad_labels_rejected(mlp_path, val_path, labels, message):
+    arrays = dict(np.load(val_path))
+    arrays["label"] = labels
+    with pytest.raises(OnnxcompError, match=message):
+        model = load_model(mlp_path)
+        compare(model, model, load_data(arrays, model))
+
+
+def test_one_hot_labels_are_converted(mlp_path, val_path):
+    model = load_model(mlp_path)
+    arrays = dict(np.load(val_path))
+    ids = arrays["label"]
+    arrays["label"] = np.eye(10, dtype=np.float32)[ids]
+    data = load_data(arrays, model)
+    np.testing.assert_array_equal(data.labels, ids)
+    fid = compare(model, model, data.head(100))
+    assert fid["accuracy_original"] is not None
+
+
+# --- finding 4: the input's external data is protected ------------------------------------
+
+
+def test_input_external_data_never_overwritten(tmp_path, cnn_path, val_path, capsys):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    model_in = folder / "in.onnx"
+    onnx.save(onnx.load(cnn_path), model_in, save_as_external_data=True, location="out.onnx.data",
+              size_threshold=0)
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    code = main(["run", "int8-dynamic", "-m", str(model_in), "-o", str(folder / "out.onnx"), "--external-data",
+                 "--val", str(val_path), "--latency-runs", "0"])
+    _one_line_error(capsys, code, "out.onnx.data", "input")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    load_model(model_in)  # still loads
+    # the Python API holds the same line
+    result = onnxcomp.compress(model_in, "cleanup", val=val_path, latency_runs=0)
+    with pytest.raises(OnnxcompError, match="input"):
+        result.save(folder / "out.onnx", external_data=True)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# --- finding 5: exit 2, nothing written ----------------------------------------------------
+
+
+def _bert_all_zero_mask(tmp_path: Path) -> Path:
+    arrays = dict(np.load(MODELS / "tiny_bert" / "val.npz"))
+    arrays["attention_mask"][:] = 0
+    path = tmp_path / "zero_mask.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _exit2_cases(tmp_path: Path, mlp: Path, val: Path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((3, 1, 8, 8), np.float32))
+    bert = MODELS / "tiny_bert" / "tiny_bert.onnx"
+    long_name = "n" * 252 + ".onnx"
+    deep = tmp_path / (("d" * 200 + "/") * 21) / "o.onnx"
+    base = ["--latency-runs", "0"]
+    return [
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--seed", "-1", *base], "--seed"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--latency-runs", "-5"], "--latency-runs"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--report", folder, *base], "not a regular file"),
+        (["run", "cleanup", "-m", mlp, "-o", folder, *base], "not a regular file"),
+        (["logits", mlp, val, "-o", folder], "not a regular file"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / long_name, "--external-data", *base], "too long"),
+        (["run", "cleanup", "-m", mlp, "-o", deep, *base], "too long"),
+        (["run", "cleanup", "-m", deep, *base], "too long"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--val", npy, *base], ".npy"),
+        (["logits", mlp, npy, "-o", tmp_path / "t.npy"], ".npy"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--report", tmp_path / "o.onnx", *base],
+         "same file"),
+        (["run", "transformer-int8", "-m", bert, "-o", tmp_path / "o.onnx", "--val", _bert_all_zero_mask(tmp_path),
+          *base], "attention_mask"),
+        (["validate", bert, bert, "--val", _bert_all_zero_mask(tmp_path), "--mask-input", "auto"],
+         "attention_mask"),
+        (["run", "cleanup", "-m", mlp, "-o", "/dev/null", *base], "not a regular file"),
+        (["run", "cleanup", "-m", mlp, "-o", tmp_path / "o.onnx", "--report", "/dev/null", *base],
+         "not a regular file"),
+        (["logits", mlp, val, "-o", "/dev/null"], "not a regular file"),
+    ]
+
+
+def test_every_listed_case_exits_2_and_writes_nothing(tmp_path, mlp_path, val_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    cases = _exit2_cases(work, mlp_path, val_path)
+    before = _files(work)
+    dev_null = os.stat("/dev/null")
+    for args, message in cases:
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2, (args[:6], err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnxcomp: error: "), (args[:6], err)
+        assert message in lines[0], (message, lines[0])
+        assert _files(work) == before, (args[:6], _files(work) - before)
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_rdev, after.st_ino) == (dev_null.st_mode, dev_null.st_rdev, dev_null.st_ino)
+
+
+def test_python_api_rejects_bad_numbers(mlp_path):
+    with pytest.raises(OnnxcompError, match="seed"):
+        onnxcomp.compress(mlp_path, "cleanup", seed=-1, latency_runs=0)
+    with pytest.raises(OnnxcompError, match="latency_runs"):
+        onnxcomp.compress(mlp_path, "cleanup", latency_runs=-5)
+
+
+def test_ctrl_c_at_start_up_is_one_line(tmp_path):
+    """SIGINT while the command is still importing its modules: exit 130, no traceback."""
+    import signal
+    import time
+
+    for delay in (0.3, 0.8):
+        proc = subprocess.Popen([sys.executable, "-m", "onnxcomp.cli", "run", "int8", "-m",
+                                 str(MODELS / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                 "--calib", str(DIGITS / "calib.npz")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+        assert not (tmp_path / "o.onnx").exists()
+
+
+# --- finding 6: what fidelity was measured on ---------------------------------------------
+
+
+def test_without_val_fidelity_uses_calib_and_says_so(tmp_path, cnn_path, calib_path):
+    result = onnxcomp.compress(cnn_path, "int8", calib=calib_path, latency_runs=0)
+    fid = result.report["fidelity"]
+    assert fid["data_kind"] == "calibration" and fid["data"] == str(calib_path)
+    assert fid["cosine"] > 0.999  # 0.797 on noise
+    code, out = _run_cli(["run", "int8", "-m", cnn_path, "-o", tmp_path / "o.onnx", "--calib", calib_path,
+                          "--latency-runs", "0"])
+    assert code == 0
+    assert "measured on the calibration data" in " ".join(out.split())
+
+
+def test_without_any_data_says_synthetic(tmp_path, mlp_path):
+    code, out = _run_cli(["run", "int8-dynamic", "-m", mlp_path, "-o", tmp_path / "o.onnx", "--latency-runs", "0"])
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "synthetic" in flat and "gate was not checked on real data" in flat
+    assert "gate passed" not in flat
+
+
+def _run_cli(args):
+    proc = subprocess.run([sys.executable, "-m", "onnxcomp.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+# --- finding 7: every shipped recipe has a label-free floor --------------------------------
+
+
+def test_every_shipped_recipe_has_a_label_free_floor():
+    label_free = {"min_cosine", "min_top1_agreement", "max_kl", "max_mean_abs_error", "max_abs_error"}
+    for name, path in shipped_recipes().items():
+        gate = yaml.safe_load(path.read_text()).get("gate", {})
+        assert label_free & set(gate), f"recipe {name} has no label-free fidelity floor"
+
+
+def test_shipped_floor_catches_a_broken_result_without_labels(tmp_path, mlp_path, val_path):
+    """Labels removed, the fc3 bias of the "compressed" model wrecked: the gate must fail."""
+    arrays = dict(np.load(val_path))
+    arrays.pop("label")
+    original = load_model(mlp_path)
+    broken = load_model(mlp_path)
+    import onnx_ir as ir
+
+    weight = broken.graph.initializers["fc3.weight"]
+    weight.const_value = ir.Tensor(np.ascontiguousarray(weight.const_value.numpy()[::-1]), name="fc3.weight")
+    fid = compare(original, broken, load_data(arrays, original))
+    for name in ("int8", "int8-dynamic", "int4-weights", "cleanup", "transformer-int8"):
+        gate = onnxcomp.load_recipe(name).gate
+        failures, _ = check_gate(gate, fid, {})
+        assert failures, name
