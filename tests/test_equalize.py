@@ -155,7 +155,7 @@ def test_smooth_quant_lowers_int8_error_of_layernorm_outliers():
     smoothed = model.clone()
     stats = smooth_quant_model(smoothed, Dataset(block_data(seed=3)), alpha=0.5)
 
-    assert sorted(stats.touched) == sorted(f"{n}: smoothed (α=0.5), 1/s folded into LayerNormalization 'ln'"
+    assert sorted(stats.touched) == sorted(f"MatMul {n}: smoothed (α=0.5), 1/s folded into LayerNormalization 'ln'"
                                            for n in "qkv")
     assert len(list(smoothed.graph)) == len(list(model.graph))  # folded: no node added
     assert_same_function(model, smoothed, feeds)
@@ -230,11 +230,11 @@ def test_smooth_quant_folds_through_relu_into_gemm_and_skips_with_reasons():
     feeds = {"x": RNG.normal(0, 1, (32, 8)).astype(np.float32), "z2": RNG.normal(0, 1, (4, 2)).astype(np.float32)}
     smoothed = model.clone()
     stats = smooth_quant_model(smoothed, Dataset(feeds), insert_mul=False)
-    assert stats.touched == ["fc2: smoothed (α=0.5), 1/s folded into Gemm 'gemm1'"]
+    assert stats.touched == ["MatMul fc2: smoothed (α=0.5), 1/s folded into Gemm 'gemm1'"]
     assert dict(stats.skipped) == {
-        "dynamic": "weight is not a constant",
-        "gemm1": "X 'x' is a graph input; insert_mul is off",
-        "fc3": "X 'x' is a graph input; insert_mul is off",
+        "MatMul dynamic": "weight is not a constant",
+        "Gemm gemm1": "X 'x' is a graph input; insert_mul is off",
+        "MatMul fc3": "X 'x' is a graph input; insert_mul is off",
     }
     assert_same_function(model, smoothed, feeds)
     assert not np.allclose(const(smoothed, "gemm1", 1), const(model, "gemm1", 1))  # transB rows scaled
@@ -269,7 +269,7 @@ def test_equalize_badly_scaled_conv_chain_cuts_per_tensor_int8_error():
     equalized = model.clone()
     stats = equalize_model(equalized)
 
-    assert stats.touched and stats.touched[0].startswith("conv1 → conv2: equalized via Relu")
+    assert stats.touched and stats.touched[0].startswith("Conv conv1 → Conv conv2: equalized via Relu")
     assert_same_function(model, equalized, feeds)
     pair = stats.metrics["pairs"][0]
     assert pair["spread_first_after"] < pair["spread_first_before"] / 100
@@ -294,7 +294,7 @@ def test_equalize_grouped_and_depthwise_convs_exact(group):
     model = build(nodes, [tensor("x", "N", 3, 8, 8)], [tensor("y", "N", 8, 2, 2)], inits)
     equalized = model.clone()
     stats = equalize_model(equalized, iterations=1)
-    assert stats.touched[0].startswith("conv1 → conv2: equalized via LeakyRelu→MaxPool")
+    assert stats.touched[0].startswith("Conv conv1 → Conv conv2: equalized via LeakyRelu→MaxPool")
     assert_same_function(model, equalized, image_data())
     # one pair, one sweep: per channel, r1 (conv1 outputs) == r2 (inputs of conv2) exactly
     r1 = np.abs(const(equalized, "conv1", 1)).reshape(8, -1).max(axis=1)
@@ -316,11 +316,11 @@ def test_equalize_skips_with_reasons():
     stats = equalize_model(model)
     assert not stats.touched
     assert dict(stats.skipped) == {
-        "conv1": "followed by Sigmoid 'sigmoid', which is not positively homogeneous per channel",
-        "conv2": "output 'c2' has 2 consumers",
-        "conv3": "next layer 'dynamic': weight is not a constant",
-        "conv4": "next layer 'dynamic' does not read it as its activation",
-        "dynamic": "weight is not a constant",
+        "Conv conv1": "followed by Sigmoid 'sigmoid', which is not positively homogeneous per channel",
+        "Conv conv2": "output 'c2' has 2 consumers",
+        "Conv conv3": "next layer 'dynamic': weight is not a constant",
+        "Conv conv4": "next layer 'dynamic' does not read it as its activation",
+        "Conv dynamic": "weight is not a constant",
     }
     assert stats.notes == ["no Conv/Gemm/MatMul → (Relu) → Conv/Gemm/MatMul pair to equalize"]
 
@@ -329,9 +329,9 @@ def test_equalize_digits_cnn_keeps_accuracy_and_logits(cnn_path, val_path):
     result = compress(cnn_path, {"passes": ["cleanup", "equalize"]}, val=val_path, latency_runs=0)
     stats = result.report["passes"][1]
     touched = [t.split(":")[0] for t in stats["touched"]]
-    assert touched == ["/features/features.0/Conv → /features/features.3/Conv",
-                       "/head/head.0/Gemm → /head/head.2/Gemm"]
-    assert dict((s["what"], s["why"]) for s in stats["skipped"])["/features/features.3/Conv"].startswith(
+    assert touched == ["Conv /features/features.0/Conv → Conv /features/features.3/Conv",
+                       "Gemm /head/head.0/Gemm → Gemm /head/head.2/Gemm"]
+    assert dict((s["what"], s["why"]) for s in stats["skipped"])["Conv /features/features.3/Conv"].startswith(
         "followed by Flatten")
     fidelity = result.report["fidelity"]
     assert fidelity["accuracy_compressed"] == fidelity["accuracy_original"] == pytest.approx(0.992, abs=1e-3)
@@ -344,8 +344,8 @@ def test_equalize_digits_mlp_gemm_relu_matmul_chain(mlp_path, val_path):
     model = load_model(mlp_path)
     equalized = model.clone()
     stats = equalize_model(equalized)
-    assert [t.split(":")[0] for t in stats.touched] == ["/fc1/Gemm → /fc2/MatMul", "/fc2/MatMul → /fc3/Gemm"]
-    assert stats.skipped == [("/fc3/Gemm", "output is a graph output")]
+    assert [t.split(":")[0] for t in stats.touched] == ["Gemm /fc1/Gemm → MatMul /fc2/MatMul", "MatMul /fc2/MatMul → Gemm /fc3/Gemm"]
+    assert stats.skipped == [("Gemm /fc3/Gemm", "output is a graph output")]
     assert_same_function(model, equalized, {"input": np.load(val_path)["input"]})
     # fc2's bias Add moved with its output channels; fc1 rows and fc2 rows/columns were rescaled
     assert not np.allclose(const(equalized, "/fc2/Add", 1), const(model, "/fc2/Add", 1))

@@ -83,7 +83,7 @@ def test_determinism(tmp_path, cnn_path, calib_path):
 
 
 def test_exclusions_keep_nodes_float(cnn_path, calib_path, val_path):
-    result = static(cnn_path, calib_path, val_path, exclude_nodes=["/head/head.0/*"], exclude_ops=["Conv"])
+    result = static(cnn_path, calib_path, val_path, exclude=["/head/head.0/*", "Conv"])
     graph = result.model.graph
     for name in ("/head/head.0/Gemm", "/features/features.0/Conv", "/features/features.3/Conv"):
         node = next(n for n in graph if n.name == name)
@@ -245,7 +245,7 @@ def test_reused_statistics_skip_calibration(cnn_path, calib_path):
     config = QuantizeStaticConfig(method="percentile")
     data = load_data(calib_path, model)
     first = quantize_static_model(model.clone(), data, config)
-    again = quantize_static_model(model.clone(), data.head(1), config.model_copy(update={"exclude_nodes": ("*Gemm",)}),
+    again = quantize_static_model(model.clone(), data.head(1), config.model_copy(update={"exclude": ("*Gemm",)}),
                                   stats=first.stats)
     assert set(again.ranges) <= set(first.ranges)
     assert all(again.ranges[t] == first.ranges[t] for t in again.ranges)  # same statistics, not recalibrated
@@ -290,3 +290,20 @@ def test_cli_int8_without_calib_exits_2(tmp_path, cnn_path, val_path):
     assert "needs calibration data: pass --calib" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_old_exclusion_options_still_work_with_a_deprecation_warning():
+    from onnxcomp.passes.quantize import QuantizeStaticConfig
+
+    with pytest.warns(DeprecationWarning, match="'exclude_(nodes|ops)' is deprecated"):
+        config = QuantizeStaticConfig(exclude_nodes=["/head/*"], exclude_ops=["Conv"])
+    assert config.exclude == ("/head/*", "Conv")
+
+
+def test_include_quantizes_only_the_selected_nodes(cnn_path, calib_path):
+    result = static(cnn_path, calib_path, include=["/head/*"], min_params=1000)
+    stats = result.report["passes"][1]
+    assert [t.split(":")[0] for t in stats["touched"]] == ["Gemm /head/head.0/Gemm"]  # head.2 has 10x64 = 640 weights
+    why = {s["what"]: s["why"] for s in stats["skipped"]}
+    assert why["Conv /features/features.0/Conv"] == "not matched by include"
+    assert why["Gemm /head/head.2/Gemm"] == "640 parameters < min_params 1000"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx.helper as h
+import onnx_ir as ir
 import pytest
 
 from onnxcomp.errors import OnnxcompError
@@ -107,9 +108,16 @@ def test_smooth_quant_option_inside_quantize_static():
 
 def test_equalize_option_inside_quantize_static(cnn_path, calib_path, val_path):
     result = static(cnn_path, calib_path, val_path, per_channel=False, equalize=True)
+    # the option takes the equalize pass's own config: same result as the pass run first
+    via_pass = compress(cnn_path, {"passes": ["cleanup", {"equalize": {"iterations": 5}},
+                                              {"quantize_static": {"per_channel": False}}]},
+                        calib=calib_path, latency_runs=0)
+    via_option = static(cnn_path, calib_path, per_channel=False, equalize={"iterations": 5})
+    assert ir.serde.serialize_model(via_pass.model).graph.initializer == \
+        ir.serde.serialize_model(via_option.model).graph.initializer
     stats = result.report["passes"][1]
-    assert [p["first"] for p in stats["metrics"]["equalize"]["pairs"]] == ["/features/features.0/Conv",
-                                                                           "/head/head.0/Gemm"]
+    assert [p["first"] for p in stats["metrics"]["equalize"]["pairs"]] == ["Conv /features/features.0/Conv",
+                                                                           "Gemm /head/head.0/Gemm"]
     assert result.report["fidelity"]["accuracy_drop"] <= 0.01
     assert result.report["quantization"]["fused_ratio"] == 1.0
 

@@ -238,10 +238,10 @@ def test_gptq_without_calibration_data_is_a_user_error(mlp):
 
 
 def test_skips_say_why(mlp):
-    _, stats = quantized(mlp, min_size=1000, exclude=["/fc2/*"])
+    _, stats = quantized(mlp, min_params=1000, exclude=["/fc2/*"])
     reasons = dict(stats.skipped)
-    assert reasons == {"Gemm /fc3/Gemm": "too small (10x64 < min_size 1000)",
-                       "MatMul /fc2/MatMul": "excluded by name"}
+    assert reasons == {"Gemm /fc3/Gemm": "640 parameters < min_params 1000",
+                       "MatMul /fc2/MatMul": "excluded by '/fc2/*'"}
     assert len(stats.touched) == 1
 
 

@@ -141,9 +141,9 @@ def test_to_fp16_digits_cnn_halves_size_keeps_float32_io_and_accuracy(cnn_path, 
     assert "cpu_casts" in stats["metrics"]
 
 
-def test_to_fp16_keep_ops_and_keep_nodes(cnn_path):
+def test_to_fp16_keep_ops_and_exclude(cnn_path):
     model = load_model(cnn_path)
-    result = ToFp16({"keep_ops": ["Gemm"], "keep_nodes": ["/features/features.0/*", "/nope/*"],
+    result = ToFp16({"keep_ops": ["Gemm"], "exclude": ["/features/features.0/*", "/nope/*"],
                      "cpu_report": False})(model)
     by_op = {}
     for node in model.graph:
@@ -154,7 +154,14 @@ def test_to_fp16_keep_ops_and_keep_nodes(cnn_path):
     assert by_op["/features/features.3/Conv"] == (ir.DataType.FLOAT16, ir.DataType.FLOAT16)
     skipped = dict(result.stats.skipped)
     assert skipped["2 Gemm node(s)"] == "kept float32: op type in keep_ops"
-    assert "/features/features.0/Conv" in skipped and "keep_nodes '/nope/*'" in skipped
+    assert skipped["Conv /features/features.0/Conv"] == "kept float32: excluded by '/features/features.0/*'"
+    assert "selection entry '/nope/*' matches no node" in result.stats.notes
+
+
+def test_to_fp16_keep_nodes_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'keep_nodes' is deprecated.*use 'exclude'"):
+        config = ToFp16.Config(keep_nodes=["/a/*"], exclude=["/b/*"])
+    assert config.exclude == ("/b/*", "/a/*")
 
 
 def test_fused_bert_to_fp16_keeps_embeddings_close(bert_path, bert_val):

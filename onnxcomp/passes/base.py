@@ -9,11 +9,14 @@ reason, in ``stats``; a pass that touched nothing says why in ``stats.notes``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from onnxcomp.graph import NodeSelection
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
@@ -23,9 +26,31 @@ __all__ = ["PassConfig", "PassContext", "PassStats", "CompressionPass", "Compres
 
 
 class PassConfig(BaseModel):
-    """Base of every pass config: unknown keys are errors, values are validated."""
+    """Base of every pass config: unknown keys are errors, values are validated.
+
+    ``renamed_options`` (old name -> new name) keeps options renamed in this release working,
+    with a DeprecationWarning; an old list option (``exclude_nodes``) is appended to the new one.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    renamed_options: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_renamed(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(old in data for old in cls.renamed_options):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed_options.items():
+            if old not in data:
+                continue
+            warnings.warn(f"{cls.__name__}: option '{old}' is deprecated and will be removed in the next "
+                          f"release; use '{new}'", DeprecationWarning, stacklevel=2)
+            value = data.pop(old)
+            if isinstance(value, (list, tuple)):
+                value = (*data.get(new, ()), *value)
+            data[new] = value
+        return data
 
 
 @dataclasses.dataclass
@@ -118,7 +143,12 @@ class CompressionPass(ir.passes.InPlacePass):
 
         stats = PassStats(self.name)
         stats.params_before = count_params(model)
+        unmatched = self.config.unmatched(model.graph) if isinstance(self.config, NodeSelection) else []
         self.run(model, stats)
+        for entry in unmatched:  # likely a typo: said once, before the pass changed names
+            note = f"selection entry '{entry}' matches no node"
+            if note not in stats.notes:
+                stats.notes.append(note)
         stats.params_after = count_params(model)
         if not stats.touched and not stats.notes:
             stats.notes.append("nothing eligible: no node was changed")

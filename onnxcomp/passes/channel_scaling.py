@@ -70,6 +70,10 @@ class LinearLayer:
         return self.layer.name
 
     @property
+    def label(self) -> str:
+        return self.layer.label
+
+    @property
     def output(self) -> ir.Value:
         return self.layer.output
 

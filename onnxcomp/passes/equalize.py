@@ -27,8 +27,6 @@ function is unchanged (up to rounding) while the ranges int8 has to cover shrink
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import numpy as np
@@ -39,7 +37,7 @@ from onnxcomp.calibrate import MinMax, RowSample, collect
 from onnxcomp.data import Dataset
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.passes.channel_scaling import NORMS, STANDARD, ConstMul, LinearLayer, NormLayer, WeightEdits
-from onnxcomp.graph import Names, add_initializer, insert_at_producer
+from onnxcomp.graph import Names, NodeSelection, add_initializer, find_layers, insert_at_producer, is_standard, label
 from onnxcomp.passes.qdq import activation_params, weight_params
 from onnxcomp.registry import register
 
@@ -56,7 +54,7 @@ _CHANNEL_POOLS = {"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"
 # ---------------------------------------------------------------------------- passes
 
 
-class SmoothQuantConfig(PassConfig):
+class SmoothQuantConfig(PassConfig, NodeSelection):
     alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
         0.5, description="migration strength s = max|X|^α / max|W|^(1−α); 'auto': per input, by simulated int8")
     min_scale: float = Field(1e-5, gt=0, description="smallest per-channel factor s")
@@ -64,7 +62,6 @@ class SmoothQuantConfig(PassConfig):
     insert_mul: bool = Field(True, description="insert Mul(X, 1/s) where no producer can absorb 1/s")
     clone_norm: bool = Field(True, description="clone a LayerNorm whose output also feeds non-MatMuls "
                                                "(e.g. a residual Add) rather than insert a Mul")
-    exclude: tuple[str, ...] = Field((), description="MatMul/Gemm node-name globs left alone")
     sample_rows: int = Field(512, ge=16, description="alpha='auto': calibration rows kept per input X")
 
 
@@ -77,11 +74,11 @@ class SmoothQuant(CompressionPass):
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         calib = self.context.require_calib(self.name)
-        smooth_quant_model(model, calib, **self.config.model_dump(), batch_size=self.context.batch_size,
+        smooth_quant_model(model, calib, self.config, batch_size=self.context.batch_size,
                            seed=self.context.seed, stats=stats)
 
 
-class EqualizeConfig(PassConfig):
+class EqualizeConfig(PassConfig, NodeSelection):
     iterations: int = Field(20, ge=1, le=1000, description="most sweeps over all layer pairs")
     tolerance: float = Field(1e-3, gt=0, description="stop when every factor s is within 1±tolerance")
 
@@ -93,29 +90,18 @@ class Equalize(CompressionPass):
     Config = EqualizeConfig
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
-        equalize_model(model, **self.config.model_dump(), stats=stats)
+        equalize_model(model, self.config, stats=stats)
 
 
 # ------------------------------------------------------------------------ library API
 
 
-def smooth_quant_model(
-    model: ir.Model,
-    calib: Dataset,
-    *,
-    alpha: float | Literal["auto"] = 0.5,
-    min_scale: float = 1e-5,
-    max_scale: float = 1e5,
-    insert_mul: bool = True,
-    clone_norm: bool = True,
-    exclude: Sequence[str] = (),
-    sample_rows: int = 512,
-    batch_size: int = 32,
-    seed: int = 0,
-    stats: PassStats | None = None,
-) -> PassStats:
+def smooth_quant_model(model: ir.Model, calib: Dataset, config: SmoothQuantConfig | None = None, *,
+                       batch_size: int = 32, seed: int = 0, stats: PassStats | None = None,
+                       **options) -> PassStats:
     """SmoothQuant every eligible MatMul/Gemm of ``model`` in place; return what was done.
 
+    ``config`` (or its fields as keyword ``options``) as the ``smooth_quant`` pass takes them.
     Guarantees: the float function is unchanged up to fp32 rounding; constant inputs are
     replaced by new initializers (the originals are never written) and the only nodes
     added are cloned normalisations or ``Mul`` nodes in front of the smoothed MatMuls,
@@ -125,8 +111,10 @@ def smooth_quant_model(
     lists per input X its MatMuls, how 1/s was absorbed, α, the range of s and max|X|
     before/after (with ``alpha="auto"`` also the simulated int8 relative error).
     """
+    cfg = config or SmoothQuantConfig(**options)
+    alpha, min_scale, max_scale, sample_rows = cfg.alpha, cfg.min_scale, cfg.max_scale, cfg.sample_rows
     stats = stats or PassStats("smooth_quant")
-    plans = _plan_smoothing(model.graph, insert_mul, clone_norm, exclude, stats)
+    plans = _plan_smoothing(model.graph, cfg, stats)
     if not plans:
         stats.notes.append("no MatMul/Gemm with a constant weight could be smoothed")
         return stats
@@ -147,13 +135,13 @@ def smooth_quant_model(
                 min_scale, max_scale)
             if s is None:
                 for c in plan.consumers:
-                    stats.skip(c.name, "alpha=auto: no α lowers the simulated int8 error")
+                    stats.skip(c.label, "alpha=auto: no α lowers the simulated int8 error")
                 continue
         else:
             s = smoothing_scales(act, w_max, alpha, min_scale, max_scale)
         info["how"] = plan.apply(model.graph, edits, s)
         for c in plan.consumers:
-            stats.touch(f"{c.name}: smoothed (α={info['alpha']}), 1/s {info['how']}")
+            stats.touch(f"{c.label}: smoothed (α={info['alpha']}), 1/s {info['how']}")
         info.update(s_min=float(s.min()), s_max=float(s.max()), x_absmax_before=float(act.max()),
                     x_absmax_after=float((act / s).max()))
         done.append(info)
@@ -164,20 +152,22 @@ def smooth_quant_model(
     return stats
 
 
-def equalize_model(
-    model: ir.Model, *, iterations: int = 20, tolerance: float = 1e-3, stats: PassStats | None = None
-) -> PassStats:
+def equalize_model(model: ir.Model, config: EqualizeConfig | None = None, *, stats: PassStats | None = None,
+                   **options) -> PassStats:
     """Cross-layer-equalize every eligible layer pair of ``model`` in place; return what was done.
 
+    ``config`` (or its fields as keyword ``options``) as the ``equalize`` pass takes them.
     Guarantees: the float function is unchanged up to fp32 rounding; only weight and bias
     inputs of the paired layers are replaced (new initializers); no node is added or
     removed. For each pair, r1 (layer 1 output-channel ranges) and r2 (layer 2 input-channel
     ranges) become equal per channel, so their max/min spread drops to about the geometric
     mean of the two (``stats.metrics["pairs"]``: spreads before/after). Needs no data.
     """
+    cfg = config or EqualizeConfig(**options)
+    iterations, tolerance = cfg.iterations, cfg.tolerance
     stats = stats or PassStats("equalize")
     edits = WeightEdits(model.graph)
-    pairs = _find_pairs(model.graph, edits, stats)
+    pairs = _find_pairs(model.graph, cfg, edits, stats)
     if not pairs:
         stats.notes.append("no Conv/Gemm/MatMul → (Relu) → Conv/Gemm/MatMul pair to equalize")
         return stats
@@ -195,9 +185,9 @@ def equalize_model(
     report = []
     for (first, second, via), (b1, b2) in zip(pairs, before):
         a1, a2 = _spread(first.out_ranges(edits)), _spread(second.in_ranges(edits))
-        stats.touch(f"{first.name} → {second.name}: equalized{via} "
+        stats.touch(f"{first.label} → {second.label}: equalized{via} "
                     f"(range spread {b1:.3g}→{a1:.3g} and {b2:.3g}→{a2:.3g})")
-        report.append({"first": first.name, "second": second.name, "spread_first_before": b1,
+        report.append({"first": first.label, "second": second.label, "spread_first_before": b1,
                        "spread_first_after": a1, "spread_second_before": b2, "spread_second_after": a2})
     edits.commit()
     stats.metrics["pairs"] = report
@@ -262,20 +252,22 @@ class _SmoothingPlan:
             consumer.node.replace_input_with(0, value)
 
 
-def _plan_smoothing(graph: ir.Graph, insert_mul: bool, clone_norm: bool, exclude: Sequence[str],
-                    stats: PassStats) -> list[_SmoothingPlan]:
+def _plan_smoothing(graph: ir.Graph, cfg: SmoothQuantConfig, stats: PassStats) -> list[_SmoothingPlan]:
     """Group smoothable MatMul/Gemm by their input X and decide how each X takes 1/s."""
+    insert_mul, clone_norm = cfg.insert_mul, cfg.clone_norm
+    layers, skipped = find_layers(graph, cfg, ops=("MatMul", "Gemm"))
+    for what, why in skipped:
+        stats.skip(what, why)
     by_x: dict[ir.Value, list[LinearLayer]] = {}
-    for node in graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in STANDARD:
-            continue
+    for found in layers:
+        node = found.node
         layer = LinearLayer.of(node)
-        if any(fnmatch.fnmatchcase(node.name or "", pattern) for pattern in exclude):
-            stats.skip(node.name, "excluded by name")
+        if node.graph is not graph:
+            stats.skip(label(node), "inside a subgraph")
         elif isinstance(layer, str):
-            stats.skip(node.name, layer)
+            stats.skip(label(node), layer)
         elif node.attributes.get_int("transA", 0):
-            stats.skip(node.name, "Gemm with transA=1 (X channels are not its last axis)")
+            stats.skip(label(node), "Gemm with transA=1 (X channels are not its last axis)")
         else:
             by_x.setdefault(node.inputs[0], []).append(layer)
     plans = []
@@ -294,7 +286,7 @@ def _plan_smoothing(graph: ir.Graph, insert_mul: bool, clone_norm: bool, exclude
                    f"X '{x.name}' also feeds {others[0].op_type} '{others[0].name}'" if others else
                    f"X '{x.name}' is a graph output")
             for consumer in consumers:
-                stats.skip(consumer.name, f"{why}; insert_mul is off")
+                stats.skip(consumer.label, f"{why}; insert_mul is off")
     return plans
 
 
@@ -350,19 +342,22 @@ def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: 
 # ------------------------------------------------------------------ equalization pairs
 
 
-def _find_pairs(graph: ir.Graph, edits: WeightEdits, stats: PassStats) -> list[tuple[LinearLayer, LinearLayer, str]]:
+def _find_pairs(graph: ir.Graph, cfg: EqualizeConfig, edits: WeightEdits,
+                stats: PassStats) -> list[tuple[LinearLayer, LinearLayer, str]]:
     """(layer 1, layer 2, " via Relu…") for every chain cross-layer equalization can rescale."""
     pairs = []
     for node in graph:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in STANDARD:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or not is_standard(node):
             continue
         first = LinearLayer.of(node)
-        if isinstance(first, str):
-            stats.skip(node.name, first)
-            continue
-        found = _following_layer(first, edits)
+        why = first if isinstance(first, str) else cfg.why_not(node, first.layer.params)
+        found = _following_layer(first, edits) if why is None else why
+        if not isinstance(found, str):
+            second = found[0]
+            unselected = cfg.why_not(second.node, second.layer.params)
+            found = f"next layer {second.label}: {unselected}" if unselected else found
         if isinstance(found, str):
-            stats.skip(first.name, found)
+            stats.skip(label(node), found)
         else:
             pairs.append((first, *found))
     return pairs

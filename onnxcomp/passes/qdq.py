@@ -12,7 +12,6 @@ Conventions (what onnxruntime's CPU kernels expect):
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import platform
 from pathlib import Path
@@ -137,13 +136,6 @@ def dequantized_constant(graph: ir.Graph, names: Names, base: str, q: np.ndarray
     node = dequantize_linear(q_value, scale, zero, names, base, params.axis)
     graph.insert_before(before, node)
     return node.outputs[0]
-
-
-def is_excluded(node: ir.Node, options) -> bool:
-    """The node's name matches one of ``options.exclude_nodes`` (fnmatch globs) or its op type is
-    in ``options.exclude_ops``."""
-    return node.op_type in options.exclude_ops or any(
-        fnmatch.fnmatchcase(node.name or "", pattern) for pattern in options.exclude_nodes)
 
 
 def dequantize_node(dq: ir.Node) -> np.ndarray:

@@ -12,7 +12,6 @@ from onnx_ir.passes import common as ir_common
 
 from onnxcomp.calibrate import tensor_values
 from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard
-from onnxcomp.passes.qdq import is_excluded
 from onnxcomp.runtime import open_session, session_options
 
 if TYPE_CHECKING:
@@ -35,9 +34,9 @@ def prepare_static(model: ir.Model, options: QuantizeStaticConfig) -> list[str]:
             continue
         if node.op_type == "Gemm":
             _normalise_gemm(layer)
-        elif not is_excluded(node, options) and "Gemm" not in options.exclude_ops:
-            add = layer.bias_add
-            if add is not None and not is_excluded(add, options) and _gemm_bias(layer, types) is not None:
+        elif options.selects(node) and options.selects(ir.Node("", "Gemm", [], name=node.name)):
+            add = layer.bias_add  # merged only where the Gemm it becomes is selected as well
+            if add is not None and options.selects(add) and _gemm_bias(layer, types) is not None:
                 _matmul_add_to_gemm(graph, layer)
                 done.append(f"{node.name}: MatMul + {add.name} -> Gemm")
     return done

@@ -42,8 +42,8 @@ import onnx_ir as ir
 
 from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range
 from onnxcomp.data import Dataset
-from onnxcomp.graph import constant_array, label, opset_version
-from onnxcomp.passes.qdq import activation_params, is_excluded
+from onnxcomp.graph import NodeSelection, constant_array, label, opset_version
+from onnxcomp.passes.qdq import activation_params
 from onnxcomp.passes.qdq_prepare import value_types
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
     """Decide which nodes and tensors to quantize (the model is not changed).
 
     ``exclude`` keeps more nodes float, each with the reason to report (on top of the options'
-    ``exclude_nodes`` / ``exclude_ops``).
+    node selection: ``include`` / ``exclude`` / ``min_params``).
     """
     graph, plan, exclude = model.graph, StaticPlan(), exclude or {}
     types = value_types(model)
@@ -110,8 +110,9 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
         role = _role(node, opset)
         if role is None:
             continue
-        why = "excluded" if is_excluded(node, options) else exclude.get(node) or _ineligible(node, role, types)
-        if why and (role == "compute" or why == "excluded" or node in exclude):
+        unselected = options.why_not(node, _params(node) if role == "compute" else None)
+        why = unselected or exclude.get(node) or _ineligible(node, role, types)
+        if why and (role == "compute" or unselected or node in exclude):
             plan.skipped.append((label(node), why))
         if why:
             continue
@@ -126,7 +127,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
     for node, why in _prune_qlinear(plan, set(shared)).items():
         plan.skipped.append((label(node), why))
     for node in graph:
-        if node.op_type in ("Relu", "Clip") and not is_excluded(node, options) and node not in exclude:
+        if node.op_type in ("Relu", "Clip") and not _excluded(node, options) and node not in exclude:
             producer = _foldable_into(node, plan.roles)
             if producer is not None:
                 plan.folded[node] = producer
@@ -203,6 +204,17 @@ def _role(node: ir.Node, opset: int) -> str | None:
         newest = SHARED_SCALE_OPS[node.op_type]
         return "shared" if newest is None or opset <= newest else None
     return None
+
+
+def _params(node: ir.Node) -> int | None:
+    """Size of a compute node's constant weight (for ``min_params``)."""
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if weight is None else int(weight.size)
+
+
+def _excluded(node: ir.Node, options: NodeSelection) -> bool:
+    """An ``exclude`` entry matches ``node`` (``include`` does not apply to a Relu/Clip folded into its producer)."""
+    return NodeSelection(exclude=options.exclude).why_not(node) is not None
 
 
 def data_inputs(node: ir.Node) -> list[int]:

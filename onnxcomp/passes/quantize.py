@@ -8,7 +8,7 @@ really runs with int8 kernels (checked per node by :func:`onnxcomp.fusion.fusion
   by DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add bias), which ORT fuses into
   DynamicQuantizeMatMul for MatMul and Gemm.
 
-Python entry points for other tools: :func:`quantize_static_model` (with ``exclude_nodes`` in
+Python entry points for other tools: :func:`quantize_static_model` (with ``exclude`` in
 the config and reusable calibration statistics) and :func:`quantize_dynamic_model`.
 """
 
@@ -17,19 +17,25 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from onnxcomp.calibrate import Histogram, MinMax
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.passes.equalize import SMOOTH_QUANT_TAG, equalize_model, smooth_quant_model
-from onnxcomp.graph import Layer, Names, add_initializer, is_standard, label, opset_version
-from onnxcomp.passes.qdq import QParams, is_excluded, is_x86, saturating_u8s8, weight_params
+from onnxcomp.passes.equalize import (
+    SMOOTH_QUANT_TAG,
+    EqualizeConfig,
+    SmoothQuantConfig,
+    equalize_model,
+    smooth_quant_model,
+)
+from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, is_standard, label, opset_version
+from onnxcomp.passes.qdq import QParams, is_x86, saturating_u8s8, weight_params
 from onnxcomp.passes.qdq_accuracy import (
     SensitivityReport,
     bias_correct,
@@ -63,15 +69,15 @@ _REDUCE_RANGE_HELP = (
     "7-bit weights ([-63, 63]). auto: on when the CPU running the pass is x86 without VNNI, where ORT's "
     "u8s8 kernels saturate int16 sums of full-range weights (large errors with per-channel weights); "
     "set false for models deployed on VNNI or ARM CPUs")
-_EXCLUDE_HELP = ("keep these nodes in float: fnmatch globs on node names, e.g. ['/head/*']. An excluded "
-                 "Add/Mul/pool whose neighbours are all quantized may still be fused by ORT (same numbers)")
 
 _EMBEDDINGS_HELP = ("Gather on a constant 2-D table (an embedding) -> onnxruntime GatherBlockQuantized, int8 "
                     "with a scale and zero point per embedding_block_size values (error ~0.1 %; per-tensor int8 "
                     "as onnxruntime's quantizer does loses ~3 % on BERT's word table)")
 
 
-class QuantizeStaticConfig(PassConfig):
+class QuantizeStaticConfig(PassConfig, NodeSelection):
+    renamed_options: ClassVar[dict[str, str]] = {"exclude_nodes": "exclude", "exclude_ops": "exclude"}
+
     method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
         "minmax", description="activation range from calibration data: min-max, two-sided percentile, "
                               "KL-divergence threshold (TensorRT), or the range minimising quantization MSE")
@@ -81,8 +87,6 @@ class QuantizeStaticConfig(PassConfig):
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description=_ACTIVATION_TYPE_HELP)
     reduce_range: bool | Literal["auto"] = Field("auto", description=_REDUCE_RANGE_HELP)
-    exclude_nodes: tuple[str, ...] = Field((), description=_EXCLUDE_HELP)
-    exclude_ops: tuple[str, ...] = Field((), description="keep all nodes of these op types in float")
     max_range: float = Field(1e4, gt=0, description="activations whose range reaches beyond ±max_range (attention "
                                                     "masks, -inf sentinels) stay float with the nodes touching them")
     calib_samples: int = Field(512, ge=1, description="use at most this many calibration samples")
@@ -91,12 +95,14 @@ class QuantizeStaticConfig(PassConfig):
     bias_correction: bool = Field(
         False, description="after quantizing, shift each Conv/Gemm int32 bias by the mean output error the layer "
                            "adds itself (weight rounding, its input's clipping), measured on the calibration data")
-    smooth_quant: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] | None = Field(
-        None, description="SmoothQuant alpha for MatMul/Gemm inputs with outlier channels before quantizing "
-                          "('auto': per input, by simulated int8 — use it for transformers); the nodes it "
-                          "inserts stay float")
-    equalize: bool = Field(False, description="cross-layer equalization of Conv/Gemm/MatMul -> Relu -> Conv/Gemm/MatMul "
-                                              "pairs before quantizing (data-free; helps per-tensor weights)")
+    smooth_quant: SmoothQuantConfig | None = Field(
+        None, description="run the smooth_quant pass first with these options (its config; a number or 'auto' is "
+                          "short for {alpha: ...}; 'auto' = per input, by simulated int8 — use it for transformers); "
+                          "the nodes it inserts stay float")
+    equalize: EqualizeConfig | None = Field(
+        None, description="run the equalize pass first with these options (its config; true = its defaults): "
+                          "cross-layer equalization of Conv/Gemm/MatMul -> Relu -> Conv/Gemm/MatMul pairs "
+                          "(data-free; helps per-tensor weights)")
     sensitivity: bool = Field(
         False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
                            "on the calibration data, return the most harmful quantized nodes to float "
@@ -107,13 +113,24 @@ class QuantizeStaticConfig(PassConfig):
                                                            "each trial on (one trial per quantized node, then a bisection)")
 
 
-class QuantizeDynamicConfig(PassConfig):
+    @field_validator("smooth_quant", mode="before")
+    @classmethod
+    def _alpha_shorthand(cls, value: Any) -> Any:
+        return {"alpha": value} if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
+
+    @field_validator("equalize", mode="before")
+    @classmethod
+    def _equalize_shorthand(cls, value: Any) -> Any:
+        return ({} if value else None) if isinstance(value, bool) else value
+
+
+class QuantizeDynamicConfig(PassConfig, NodeSelection):
+    renamed_options: ClassVar[dict[str, str]] = {"exclude_nodes": "exclude", "exclude_ops": "exclude"}
+
     per_channel: bool = Field(True, description="one weight scale per output column (else per tensor)")
     weight_method: Literal["minmax", "mse"] = Field(
         "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
     reduce_range: bool | Literal["auto"] = Field("auto", description=_REDUCE_RANGE_HELP)
-    exclude_nodes: tuple[str, ...] = Field((), description=_EXCLUDE_HELP)
-    exclude_ops: tuple[str, ...] = Field((), description="keep all nodes of these op types in float")
     quantize_embeddings: bool = Field(True, description=_EMBEDDINGS_HELP)
     embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
 
@@ -135,22 +152,23 @@ class StaticResult:
 def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, *,
                           stats: dict[str, Histogram | MinMax] | None = None, batch_size: int = 32,
                           progress=None, keep_float: Mapping[str, str] | None = None,
-                          target: Gate | None = None) -> StaticResult:
+                          target: Gate | None = None, seed: int = 0) -> StaticResult:
     """Quantize ``model`` in place with static QDQ as ``config`` says.
 
     ``stats`` from an earlier result on the same float model are reused (only tensors they lack
-    are calibrated), so a search over ``exclude_nodes`` streams the data once. ``keep_float``:
+    are calibrated), so a search over ``exclude`` streams the data once. ``keep_float``:
     node name -> why, kept float on top of the config's exclusions. ``target``: the gate the
-    sensitivity search aims at (needed when ``config.sensitivity``).
+    sensitivity search aims at (needed when ``config.sensitivity``). ``seed``: the recipe's seed,
+    passed on to the steps that sample (smooth_quant's alpha search).
     """
     _check_opset(model, "quantize_static")
     tools = []
     if config.quantize_embeddings:
         tools.append(quantize_embeddings(model, config))
-    if config.equalize:
-        tools.append(equalize_model(model, stats=PassStats("equalize")))
+    if config.equalize is not None:
+        tools.append(equalize_model(model, config.equalize, stats=PassStats("equalize")))
     if config.smooth_quant is not None:
-        tools.append(smooth_quant_model(model, data, alpha=config.smooth_quant, batch_size=batch_size,
+        tools.append(smooth_quant_model(model, data, config.smooth_quant, batch_size=batch_size, seed=seed,
                                         stats=PassStats("smooth_quant")))
     _name_nodes(model)
     keep = {n.name: "inserted by smooth_quant: stays float, its output is quantized"
@@ -232,7 +250,7 @@ class QuantizeStatic(CompressionPass):
         data = self.context.require_calib(self.name)
         data = data.head(cfg.calib_samples) if len(data) > cfg.calib_samples else data
         result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size,
-                                       target=self.context.gate)
+                                       target=self.context.gate, seed=self.context.seed)
         _report_static(model, result, cfg, stats)
         stats.metrics["calib_samples"] = len(data)
 
@@ -265,7 +283,8 @@ class QuantizeDynamic(CompressionPass):
 def quantize_embeddings(model: ir.Model, config: QuantizeStaticConfig | QuantizeDynamicConfig) -> PassStats:
     """Embedding tables -> GatherBlockQuantized int8 (the ``quantize_embeddings`` option)."""
     stats = PassStats("quantize_embeddings")
-    cfg = QuantizeWeightsConfig(bits=8, block_size=config.embedding_block_size, exclude=config.exclude_nodes)
+    cfg = QuantizeWeightsConfig(bits=8, block_size=config.embedding_block_size, include=config.include,
+                                exclude=config.exclude, min_params=config.min_params)
     before, after = quantize_gathers(model, cfg, stats)
     stats.metrics.update(bytes_before=before, bytes_after=after)
     return stats
@@ -286,8 +305,8 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
     for node in list(graph):
         if not is_standard(node) or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
-        layer = None if is_excluded(node, config) or node.op_type == "Conv" else Layer.of(node, graph)
-        why = "excluded" if is_excluded(node, config) else _dynamic_ineligible(node, layer)
+        layer = None if node.op_type == "Conv" else Layer.of(node, graph)
+        why = _dynamic_ineligible(node, layer) or config.why_not(node, layer.params if isinstance(layer, Layer) else None)
         if why is None:
             _dynamic_matmul(graph, names, layer, config)
         report.append((label(node), why))

@@ -27,8 +27,7 @@ hence ``auto``. Weight-only int4 saves size and memory traffic; on such CPUs it 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -36,7 +35,7 @@ from pydantic import Field
 
 from onnxcomp.blockquant import BlockQuant, pack_bits, quantize_gptq, quantize_rtn, relative_error
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard, label
+from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, is_standard, label
 from onnxcomp.registry import register
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
@@ -45,7 +44,11 @@ MS_DOMAIN = "com.microsoft"
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
-class QuantizeWeightsConfig(PassConfig):
+class QuantizeWeightsConfig(PassConfig, NodeSelection):
+    """Node selection: ``include`` / ``exclude`` entries also match the weight's (table's) name."""
+
+    renamed_options: ClassVar[dict[str, str]] = {"min_size": "min_params"}
+
     bits: Literal[4, 8] = Field(4, description="bits per weight (ORT's CPU MatMulNBits runs 2, 4 and 8)")
     block_size: Literal[32, 64, 128] = Field(32, description="weights per quantization block along K")
     symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1) (not stored); default: one per "
@@ -59,8 +62,6 @@ class QuantizeWeightsConfig(PassConfig):
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to diag(H), as a fraction of its mean")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal")
     range_search: bool = Field(False, description="per block, shrink the range if that lowers the squared error")
-    min_size: int = Field(0, ge=0, description="weights with fewer elements are left in float")
-    exclude: tuple[str, ...] = Field((), description="node or weight name globs left in float")
     fold_bias: bool = Field(True, description="fold a following Add of a constant [N] bias into MatMulNBits")
     quantize_embeddings: bool = Field(False, description="Gather on constant 2-D tables -> GatherBlockQuantized")
 
@@ -135,11 +136,9 @@ class QuantizeWeights(CompressionPass):
         if ir.DataType.from_numpy(array.dtype) not in _FLOAT_TYPES:
             stats.skip(what, f"weight type {array.dtype} is not float32/float16")
             return None
-        if _excluded(self.config, node, layer.weight_value):
-            stats.skip(what, "excluded by name")
-            return None
-        if array.size < self.config.min_size:
-            stats.skip(what, f"too small ({array.shape[0]}x{array.shape[1]} < min_size {self.config.min_size})")
+        why = _unselected(self.config, node, layer.weight_value, array.size)
+        if why:
+            stats.skip(what, why)
             return None
         if node.attributes.get_int("transA", 0):
             stats.skip(what, "transA=1: MatMulNBits takes A untransposed")
@@ -185,9 +184,7 @@ def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassSta
             continue  # shape arithmetic and the like: not an embedding
         what = label(node)
         array = table.const_value.numpy()
-        reason = _gather_skip_reason(node, array, cfg)
-        if reason is None and _excluded(cfg, node, table):
-            reason = "excluded by name"
+        reason = _gather_skip_reason(node, array, cfg) or _unselected(cfg, node, table, array.size)
         if reason:
             stats.skip(what, reason)
             continue
@@ -202,9 +199,13 @@ def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassSta
     return before, after
 
 
-def _excluded(cfg: QuantizeWeightsConfig, node: ir.Node, weight: ir.Value) -> bool:
-    names = (node.name or "", weight.name or "")
-    return any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude for n in names)
+def _unselected(cfg: QuantizeWeightsConfig, node: ir.Node, weight: ir.Value, size: int) -> str | None:
+    """Why the node selection leaves ``node`` alone; its entries match the weight's name too."""
+    by_weight = ir.Node("", node.op_type, [], name=weight.name or "")
+    if cfg.include and not (cfg.selects(node) or cfg.selects(by_weight)):
+        return "not matched by include"
+    return NodeSelection(exclude=cfg.exclude).why_not(node) or NodeSelection(exclude=cfg.exclude).why_not(by_weight) \
+        or NodeSelection(min_params=cfg.min_params).why_not(node, size)
 
 
 @dataclasses.dataclass
@@ -239,8 +240,6 @@ def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsCo
         return f"table has rank {table.ndim}; only 2-D embedding tables are quantized"
     if node.attributes.get_int("axis", 0) not in (0, -2):
         return "gathers along the hidden axis"
-    if table.size < cfg.min_size:
-        return f"too small ({table.shape[0]}x{table.shape[1]} < min_size {cfg.min_size})"
     if (table.shape[1] * cfg.bits) % 8:
         return f"hidden size {table.shape[1]} does not fill whole bytes at {cfg.bits} bits"
     return None

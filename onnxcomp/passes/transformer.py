@@ -13,7 +13,8 @@ external data, go through a temporary file instead of an in-memory proto.
   leaves a graph where nothing fused untouched, saying it is not BERT-like.
 - ``to_fp16``: float32 → float16 with fp32 islands (``OnnxModel.convert_float_to_float16``,
   symbolic shape inference so fused contrib ops are typed): inputs/outputs stay float32 behind
-  boundary Casts, ``keep_ops`` op types and ``keep_nodes`` name globs stay float32. On the CPU
+  boundary Casts, ``keep_ops`` op types and the nodes the selection leaves out (``exclude``) stay
+  float32. On the CPU
   it saves size, not time: the pass reads the graph onnxruntime's CPU provider really runs and
   reports which ops have fp16 kernels there and how many Casts it inserts around the rest.
 """
@@ -21,18 +22,18 @@ external data, go through a temporary file instead of an in-memory proto.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, TopologicalSortPass
 from pydantic import Field, model_validator
 
+from onnxcomp.graph import NodeSelection, label
 from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, model_nbytes
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.registry import register
@@ -212,10 +213,13 @@ def _shape_elements(value: ir.Value | None) -> list[int | None] | None:
 # --------------------------------------------------------------------------- to_fp16
 
 
-class ToFp16Config(PassConfig):
+class ToFp16Config(PassConfig, NodeSelection):
+    """Node selection: nodes not selected (``exclude``, or outside ``include``) stay float32."""
+
+    renamed_options: ClassVar[dict[str, str]] = {"keep_nodes": "exclude"}
+
     keep_io_types: bool = Field(True, description="graph inputs/outputs stay float32 (Casts at the boundaries)")
     keep_ops: tuple[str, ...] = Field(FP16_KEEP_OPS, description="op types left in float32 (replaces the default list)")
-    keep_nodes: tuple[str, ...] = Field((), description="node name globs left in float32, e.g. '/pooler/*'")
     cpu_report: bool = Field(True, description="report which ops onnxruntime's CPU provider runs in fp16 (one session)")
 
 
@@ -240,7 +244,7 @@ class ToFp16(CompressionPass):
             onnx_model = OnnxModel(source if isinstance(source, onnx.ModelProto) else onnx.load(source))
             onnx_model.convert_float_to_float16(
                 use_symbolic_shape_infer=True, keep_io_types=cfg.keep_io_types, op_block_list=list(cfg.keep_ops),
-                node_block_list=kept_nodes, min_positive_val=_FP16_MIN_POSITIVE, max_finite_val=_FP16_MAX)
+                node_block_list=list(kept_nodes), min_positive_val=_FP16_MIN_POSITIVE, max_finite_val=_FP16_MAX)
             return onnx_model.model, None
 
         converted, _, messages = run_proto_tool(model, convert)
@@ -250,18 +254,13 @@ class ToFp16(CompressionPass):
         if cfg.cpu_report:
             _cpu_fp16_report(model, stats)
 
-    def _kept_nodes(self, model: ir.Model, stats: PassStats) -> list[str]:
-        names = [node.name for node in model.graph if node.name]
-        kept = []
-        for pattern in self.config.keep_nodes:
-            matched = fnmatch.filter(names, pattern)
-            if not matched:
-                stats.skip(f"keep_nodes '{pattern}'", "matches no node name")
-            kept.extend(n for n in matched if n not in kept)
-        return kept
+    def _kept_nodes(self, model: ir.Model, stats: PassStats) -> dict[str, tuple[str, str]]:
+        """Node name -> (label, why) of the nodes the selection leaves in float32."""
+        return {node.name: (label(node), self.config.why_not(node)) for node in model.graph
+                if node.name and not self.config.selects(node)}
 
     def _record(self, model: ir.Model, stats: PassStats, bytes_before: int, casts_before: int,
-                kept_nodes: list[str]) -> None:
+                kept_nodes: dict[str, tuple[str, str]]) -> None:
         halves = sum(1 for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16)
         bytes_after = model_nbytes(model)
         stats.touch(f"{halves} initializers now float16 (weights {bytes_before:,} -> {bytes_after:,} bytes)")
@@ -271,8 +270,8 @@ class ToFp16(CompressionPass):
         for op, count in sorted(fp32_ops.items()):
             if op in keep_ops:
                 stats.skip(f"{count} {op} node(s)", "kept float32: op type in keep_ops")
-        for name in kept_nodes:
-            stats.skip(name, "kept float32: matches keep_nodes")
+        for what, why in kept_nodes.values():
+            stats.skip(what, f"kept float32: {why}")
         stats.metrics.update(weight_bytes_before=bytes_before, weight_bytes_after=bytes_after,
                              cast_nodes_before=casts_before, cast_nodes_after=_op_counts(model)["Cast"],
                              fp32_nodes=dict(sorted(fp32_ops.items())))
