@@ -217,14 +217,14 @@ def collect(
                     reducer.update(array)
             done += 1
             if progress:
-                progress(done, max(done, -(-len(data) // (data.fixed_batch or batch_size))))
+                progress(done, max(done, -(-len(data) // (1 if data.feedwise else data.fixed_batch or batch_size))))
 
-        if data.fixed_batch:
+        if data.fixed_batch or data.feedwise:
             for feed, outputs in zip(data.batches(batch_size), run_batches(session, data.batches(batch_size), fetch)):
                 feed_reducers(feed, outputs)
             return
         size = batch_size
-        first = {k: v[:1] for k, v in data.inputs.items()}
+        first = data.window(0, 1)
         try:  # one sample first: size the batches to the memory budget
             outputs = next(run_batches(session, [first], fetch)) if len(data) > 1 else None
         except OnnxcompError:  # a graph with a static batch dim inside: keep batch_size
@@ -234,7 +234,7 @@ def collect(
             del outputs
             size = max(1, min(batch_size, memory_budget // per_sample))
         for begin in range(0, len(data), size):
-            feed = {k: v[begin : begin + size] for k, v in data.inputs.items()}
+            feed = data.window(begin, size)
             feed_reducers(feed, next(run_batches(session, [feed], fetch)))
 
 

@@ -192,7 +192,7 @@ def _cmd_validate(args) -> int:
     original, compressed = load_model(args.original), load_model(args.compressed)
     select_target(original, args.output, args.mask_input, fields=("--output", "--mask-input"))
     data = load_data(args.val, original, allow_nonfinite=args.allow_nonfinite)
-    shapes = {k: v.shape for k, v in data.inputs.items()}
+    shapes = data.feed_shapes()
     report = {
         "passes": [],
         "original": model_summary(original, args.original, shapes),

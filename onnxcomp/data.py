@@ -1,4 +1,4 @@
-"""Data providers: ``.npz`` files keyed by graph input name, first axis = samples.
+"""Data providers: ``.npz`` files keyed by graph input name (layouts: see :class:`Dataset`).
 
 An optional ``label`` array holds class ids. Files are read with
 ``allow_pickle=False`` and checked against the model's inputs (names, dtypes,
@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxcomp.errors import OnnxcompError
 
-__all__ = ["Dataset", "InputSpec", "load_data", "check_values", "check_label_range", "model_inputs", "synthetic_data"]
+__all__ = ["Dataset", "InputSpec", "load_data", "resolve_layouts", "check_values", "check_label_range", "model_inputs", "synthetic_data"]
 
 LABEL_KEY = "label"
 
@@ -32,41 +32,91 @@ class InputSpec:
     dims: tuple[int | str | None, ...] | None
 
 
+BATCH, SAMPLE, SHARED = "batch", "sample", "shared"
+LAYOUT_TEXT = {BATCH: "axis 0 = batch (samples are rows)", SAMPLE: "one whole feed per sample (array[i])",
+               SHARED: "one array shared by every sample"}
+
+
 @dataclasses.dataclass
 class Dataset:
-    """Arrays for every graph input (same first axis) and optional labels."""
+    """Arrays for every graph input and optional labels.
+
+    ``layouts`` says how each input's array holds the samples (missing: ``"batch"``):
+    ``"batch"`` axis 0 is the model's batch axis, consecutive rows are samples and feeds
+    are slices; ``"sample"`` ``array[i]`` is sample ``i``'s whole feed (rank r + 1 for an
+    input of rank r); ``"shared"`` the same array in every feed (a 0-d scalar or one feed's
+    worth). With any per-sample input, or a shared array that is not a scalar, every feed
+    is one sample (batch inputs give ``array[i:i+1]``).
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "<arrays>"
     fixed_batch: int | None = None  # the model's static batch size, if it has one
+    layouts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def layout(self, name: str) -> str:
+        return self.layouts.get(name, BATCH)
+
+    @property
+    def feedwise(self) -> bool:
+        """Every feed is exactly one sample (some input is per-sample or a shared feed)."""
+        return any(self.layout(k) == SAMPLE or (self.layout(k) == SHARED and v.ndim > 0)
+                   for k, v in self.inputs.items())
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        rows = [v for k, v in self.inputs.items() if self.layout(k) != SHARED]
+        return len(rows[0]) if rows else 1
 
     def batches(self, batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples, in order.
 
         For a model with a static batch size every feed has exactly that size and
-        a trailing remainder is dropped.
+        a trailing remainder is dropped; with :attr:`feedwise` data every feed is one sample.
         """
         n = len(self)
-        if self.fixed_batch:
+        if self.feedwise:
+            batch_size = 1
+        elif self.fixed_batch:
             batch_size, n = self.fixed_batch, n - n % self.fixed_batch
         for start in range(0, n, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+            yield self.window(start, batch_size)
+
+    def window(self, start: int, size: int) -> dict[str, np.ndarray]:
+        """The feed of samples ``start .. start + size`` (one sample when :attr:`feedwise`)."""
+        feed = {}
+        for k, v in self.inputs.items():
+            layout = self.layout(k)
+            feed[k] = v if layout == SHARED else v[start] if layout == SAMPLE else v[start : start + size]
+        return feed
+
+    def samples_in(self, feed: Mapping[str, np.ndarray]) -> int:
+        """How many samples ``feed`` (from :meth:`batches`) holds."""
+        if self.feedwise:
+            return 1
+        rows = [v for k, v in feed.items() if self.layout(k) == BATCH]
+        return len(rows[0]) if rows else 1
+
+    def feed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Input shapes of the first feed of :meth:`batches` (what one run of the model sees)."""
+        return {k: v.shape for k, v in next(self.batches()).items()}
+
+    def layout_summary(self) -> dict[str, str]:
+        """Input name -> the layout used, in words (for reports)."""
+        return {k: LAYOUT_TEXT[self.layout(k)] + f" {list(v.shape)}" for k, v in self.inputs.items()}
 
     def head(self, n: int) -> Dataset:
         """The first ``n`` samples."""
         labels = None if self.labels is None else self.labels[:n]
-        return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.source, self.fixed_batch)
+        inputs = {k: v if self.layout(k) == SHARED else v[:n] for k, v in self.inputs.items()}
+        return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts))
 
     def used_labels(self) -> np.ndarray | None:
         """Labels of the samples :meth:`batches` yields."""
         if self.labels is None:
             return None
         n = len(self)
-        if self.fixed_batch:
+        if self.fixed_batch and not self.feedwise:
             n -= n % self.fixed_batch
         return self.labels[:n]
 
@@ -186,7 +236,8 @@ def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
             arrays[spec.name] = rng.integers(0, 2, dims).astype(bool)
         else:
             raise OnnxcompError(f"input '{spec.name}' of type {spec.dtype}: pass --val DATA.npz")
-    return Dataset(arrays, None, "<synthetic>")
+    layouts = {k: SHARED for k, v in arrays.items() if v.ndim == 0}  # a 0-d input: one value for all
+    return Dataset(arrays, None, "<synthetic>", layouts=layouts)
 
 
 def _read_npz(path: Path) -> Dataset:
@@ -223,36 +274,101 @@ def _check(data: Dataset, specs: list[InputSpec]) -> None:
     extra = sorted(set(data.inputs) - expected)
     if extra:
         raise OnnxcompError(f"{src}: array '{extra[0]}' is not a model input (inputs: {', '.join(sorted(expected))})")
-    lengths = {len(a) if a.ndim else -1 for a in data.inputs.values()}
-    if len(lengths) != 1 or -1 in lengths:
-        raise OnnxcompError(f"{src}: arrays must share their first axis (samples); got lengths {sorted(lengths)}")
-    n = lengths.pop()
-    if n == 0:
-        raise OnnxcompError(f"{src}: holds no samples")
     for spec in specs:
         array = data.inputs[spec.name]
         if array.dtype != spec.dtype:
             raise OnnxcompError(f"{src}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.dims is None:
-            continue
-        if array.ndim != len(spec.dims):
-            raise OnnxcompError(
-                f"{src}: input '{spec.name}' has shape {list(array.shape)}, the model expects rank "
-                f"{len(spec.dims)} {_dims_text(spec.dims)}"
-            )
-        for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
-            if axis > 0 and isinstance(want, int) and got != want:
-                raise OnnxcompError(
-                    f"{src}: input '{spec.name}' has shape {list(array.shape)}, the model expects "
-                    f"{_dims_text(spec.dims)} (axis {axis})"
-                )
-        if spec.dims and isinstance(spec.dims[0], int):
+    data.layouts = resolve_layouts(data, specs)
+    n = len(data)
+    if n == 0:
+        raise OnnxcompError(f"{src}: holds no samples")
+    for spec in specs:
+        if spec.dims and data.layout(spec.name) == BATCH and isinstance(spec.dims[0], int) and not data.feedwise:
             if n < spec.dims[0]:
                 raise OnnxcompError(
                     f"{src}: model input '{spec.name}' has a fixed batch of {spec.dims[0]}; "
                     f"the file holds only {n} samples"
                 )
             data.fixed_batch = spec.dims[0]
+
+
+def resolve_layouts(data: Dataset, specs: list[InputSpec]) -> dict[str, str]:
+    """Decide how each input's array holds the samples (see :class:`Dataset`), from the model's shapes.
+
+    Rank r + 1 for an input of rank r: one feed per sample. Rank r: axis 0 is the batch axis,
+    unless the array is exactly one feed (every static dim matches) and the other inputs hold a
+    different number of samples — then it is shared by all samples; a 0-d array for a 0-d input
+    is shared. Anything else is an error naming the input.
+    """
+    src = data.source
+    layouts: dict[str, str] = {}
+    undecided = []
+    for spec in specs:
+        array = data.inputs[spec.name]
+        if spec.dims is None:
+            layouts[spec.name] = BATCH if array.ndim else SHARED
+            continue
+        rank = len(spec.dims)
+        if array.ndim == rank + 1:
+            layouts[spec.name] = SAMPLE
+            _check_dims(src, spec, array.shape[1:], array.shape, first_axis=True)
+        elif array.ndim == rank == 0:
+            layouts[spec.name] = SHARED
+        elif array.ndim == rank:
+            undecided.append(spec)
+        else:
+            raise OnnxcompError(
+                f"{src}: input '{spec.name}' has shape {list(array.shape)}, the model expects rank {rank} "
+                f"{_dims_text(spec.dims)}: give rank {rank} (axis 0 = batch, or one feed shared by all "
+                f"samples) or rank {rank + 1} (one whole feed per sample)")
+    lengths = {len(data.inputs[k]) for k, v in layouts.items() if v == SAMPLE}
+    if len(lengths) > 1:
+        raise OnnxcompError(f"{src}: per-sample inputs hold different numbers of samples: {sorted(lengths)}")
+    n = lengths.pop() if lengths else None
+    # an axis 0 fixed to a size other than 1 is not a batch axis when another input's axis 0 is dynamic
+    dynamic_first = [s for s in undecided if not isinstance(s.dims[0], int)]
+    if n is None and undecided:  # samples: the longest array whose axis 0 is the batch axis
+        n = max(len(data.inputs[s.name]) for s in (dynamic_first or undecided))
+    for spec in undecided:
+        array = data.inputs[spec.name]
+        not_batch = dynamic_first and isinstance(spec.dims[0], int) and spec.dims[0] != 1
+        if len(array) == n and _dims_fit(spec.dims[1:], array.shape[1:]) and not not_batch:
+            layouts[spec.name] = BATCH
+        elif _one_feed(spec, array):
+            layouts[spec.name] = SHARED
+        else:
+            _check_dims(src, spec, array.shape[1:], array.shape, first_axis=False)
+            raise OnnxcompError(
+                f"{src}: input '{spec.name}' has {len(array)} samples (shape {list(array.shape)}), the other "
+                f"inputs {n}; nor is it one feed of {_dims_text(spec.dims)} to share with every sample")
+    feedwise = any(v == SAMPLE for v in layouts.values()) or any(
+        v == SHARED and data.inputs[k].ndim for k, v in layouts.items())
+    for spec in undecided:
+        first = spec.dims[0]
+        if feedwise and layouts[spec.name] == BATCH and isinstance(first, int) and first != 1:
+            raise OnnxcompError(
+                f"{src}: input '{spec.name}' has a fixed batch of {first} but other inputs give one feed per "
+                f"sample; give '{spec.name}' as one feed per sample too (shape [samples, "
+                f"{', '.join('?' if d is None else str(d) for d in spec.dims)}])")
+    return layouts
+
+
+def _dims_fit(want, got) -> bool:
+    return all(not isinstance(w, int) or w == g for w, g in zip(want, got))
+
+
+def _one_feed(spec: InputSpec, array: np.ndarray) -> bool:
+    return spec.dims is not None and array.ndim == len(spec.dims) and _dims_fit(spec.dims, array.shape)
+
+
+def _check_dims(src, spec: InputSpec, feed_shape, shape, *, first_axis: bool) -> None:
+    for axis, (got, want) in enumerate(zip(feed_shape, spec.dims if first_axis else spec.dims[1:])):
+        if isinstance(want, int) and got != want:
+            where = axis if first_axis else axis + 1
+            raise OnnxcompError(
+                f"{src}: input '{spec.name}' has shape {list(shape)}, the model expects "
+                f"{_dims_text(spec.dims)} (axis {where}{' of each sample' if first_axis else ''})"
+            )
 
 
 def _dims_text(dims) -> str:

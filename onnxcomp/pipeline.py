@@ -129,7 +129,7 @@ def compress(
     stats = run_passes(working, recipe, context, verify_each=verify_each)
     verify_model(working, "the compressed model")
 
-    shapes = {k: v.shape for k, v in eval_data.inputs.items()}
+    shapes = eval_data.feed_shapes()
     report: dict[str, Any] = {
         "model": str(input_path) if input_path else "<in-memory>",
         "recipe": recipe.source,
@@ -138,6 +138,9 @@ def compress(
         "original": model_summary(original, input_path, shapes),
         "compressed": model_summary(working, None, shapes),
     }
+    layouts = _data_layouts(calib=calib_data, val=val_data)
+    if layouts:
+        report["data_layout"] = layouts
     fidelity = compare(original, working, eval_data, batch_size=batch_size,
                        progress=_progress_bar("validating") if progress else None,
                        output=recipe.gate.output, mask_input=recipe.gate.mask_input)
@@ -207,6 +210,15 @@ def _fusion_report(model: ir.Model) -> dict[str, Any] | None:
     except ImportError:
         return None
     return fusion_report(model)
+
+
+def _data_layouts(**sets: Dataset | None) -> dict[str, dict[str, str]]:
+    """Which layout each input's array used, per data set (empty when every input is batch-first)."""
+    out = {}
+    for what, data in sets.items():
+        if data is not None and any(data.layout(k) != "batch" for k in data.inputs):
+            out[what] = data.layout_summary()
+    return out
 
 
 def _progress_bar(label: str):

@@ -263,7 +263,7 @@ def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int
             times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return {
-        "batch": len(next(iter(feed.values()))),
+        "batch": data.samples_in(feed),
         "median_ms": round(statistics.median(times), 4),
         "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
         "runs": runs,
@@ -321,6 +321,9 @@ def print_summary(report: dict[str, Any], console=None) -> None:
                        f"{stats['params_before']:,} → {stats['params_after']:,}",
                        f"{stats['seconds']:.2f}", notes)
     console.print(passes)
+    for what, layouts in report.get("data_layout", {}).items():
+        console.print(f"{what} data layout: " + "; ".join(f"{k}: {v}" for k, v in layouts.items()),
+                      markup=False, soft_wrap=True)
 
     orig, new = report["original"], report["compressed"]
     table = Table(title="original vs compressed", title_justify="left")

@@ -115,7 +115,7 @@ def compare(
     labels = data.used_labels()
     labels_note = None
     acc = _Accumulator()
-    total = -(-len(data) // (data.fixed_batch or batch_size))
+    total = -(-len(data) // (1 if data.feedwise else data.fixed_batch or batch_size))
     masked: dict[str, None] = {}
     kept = positions = 0
     with (open_session(original, what="original model") if reference is None else contextlib.nullcontext()) \
@@ -159,7 +159,7 @@ def compare(
                                            f"{list(a.shape)}, not [batch, classes]")
                     y = None if labels is None or labels_note else labels[start : start + n]
                     acc.headline(a, b, y, select)
-            start += len(next(iter(feed.values())))
+            start += data.samples_in(feed)
             if progress:
                 progress(index + 1, total)
     result = acc.result()
