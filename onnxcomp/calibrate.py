@@ -27,6 +27,8 @@ __all__ = [
     "Gram",
     "ChannelAbsMax",
     "RowSample",
+    "Paired",
+    "Stack",
     "collect",
     "tensor_values",
     "RANGE_METHODS",
@@ -167,6 +169,49 @@ class RowSample:
             keep = np.sort(np.argpartition(keys, self.rows)[: self.rows])
             flat, keys = flat[keep], keys[keep]
         self.value, self._keys = np.array(flat), keys
+
+
+class Paired:
+    """Joins two tensors of the same batch: register ``paired.first`` under one tensor name and
+    ``paired.second`` under another; once both arrays of a batch have arrived,
+    ``fold(first, second)`` is called and both are dropped (e.g. a running XᵀY between a layer's
+    input and a target). Works because :func:`collect` feeds every tensor of a batch before the next.
+    """
+
+    def __init__(self, fold: Callable[[np.ndarray, np.ndarray], None]):
+        self.fold = fold
+        self._arrays: list[np.ndarray | None] = [None, None]
+        self.first, self.second = _Port(self, 0), _Port(self, 1)
+
+    def _arrive(self, index: int, array: np.ndarray) -> None:
+        self._arrays[index] = array
+        if self._arrays[0] is not None and self._arrays[1] is not None:
+            a, b = self._arrays
+            self._arrays = [None, None]
+            self.fold(a, b)
+
+
+class _Port:
+    def __init__(self, owner: Paired, index: int):
+        self.owner, self.index = owner, index
+
+    def update(self, array: np.ndarray) -> None:
+        self.owner._arrive(self.index, array)
+
+
+class Stack:
+    """Keeps every batch, in order (``value``: their concatenation along axis 0). Memory grows
+    with the data: only for small tensors that must stay aligned sample for sample (logits)."""
+
+    def __init__(self):
+        self._parts: list[np.ndarray] = []
+
+    def update(self, array: np.ndarray) -> None:
+        self._parts.append(np.array(array))
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return np.concatenate(self._parts) if self._parts else None
 
 
 def collect(

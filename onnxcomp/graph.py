@@ -4,6 +4,8 @@
 - placement: :func:`insert_at_producer` (a new node right after the producer of a value),
   :func:`replace_node` (a node by a chain of new nodes that takes over its output);
 - naming: :func:`label` ("OpType name", the one form stats use);
+- :func:`side_by_side`: two models on the same inputs in one graph (a student and its teacher
+  run together, so a calibration pass sees both tensors of the same batch);
 - the **layer view**: :class:`Layer` — the weight of a MatMul / Gemm / Conv in its logical
   layout (output channels first: ``[out, in]`` or ``[out, in/group, *kernel]``) wherever and
   however it is stored (initializer or lifted Constant, Gemm ``transB``/``alpha``, a MatMul
@@ -32,6 +34,7 @@ __all__ = [
     "insert_at_producer",
     "replace_node",
     "label",
+    "side_by_side",
     "opset_version",
     "all_nodes",
     "Layer",
@@ -148,6 +151,51 @@ def _drop_dead(value: ir.Value) -> None:
 def label(node: ir.Node) -> str:
     """How stats name a node: ``"OpType name"`` (just the op type for an unnamed node)."""
     return f"{node.op_type} {node.name}" if node.name else node.op_type
+
+
+def side_by_side(model: ir.Model, other: ir.Model, prefix: str) -> tuple[ir.Model, dict[str, str]]:
+    """One model computing both ``model`` and ``other`` on the same graph inputs (matched by name).
+
+    The result is a clone of ``model`` with a clone of ``other``'s nodes and initializers added
+    under fresh ``prefix``-ed names; its graph outputs are ``model``'s. Returns it and, for every
+    tensor of ``other`` (inputs, initializers, node outputs), the name it has in the result.
+    Both models must import the same default-domain opset.
+    """
+    if opset_version(model) != opset_version(other):
+        raise ValueError(f"side_by_side: opset {opset_version(model)} vs {opset_version(other)}")
+    merged, guest = model.clone(), other.clone()
+    inputs = {v.name: v for v in merged.graph.inputs}
+    missing = [v.name for v in guest.graph.inputs if v.name not in inputs and v.name not in guest.graph.initializers]
+    if missing:
+        raise ValueError(f"side_by_side: input '{missing[0]}' is not an input of the first model")
+    names, renamed = Names(merged.graph), {}
+    for value in guest.graph.inputs:
+        if value.name in inputs:
+            renamed[value.name] = value.name
+            value.replace_all_uses_with(inputs[value.name])
+    for name in list(guest.graph.initializers):
+        value = guest.graph.initializers.pop(name)
+        value.name = renamed[name] = names(prefix + name)
+        if value.const_value is not None:
+            value.const_value.name = value.name
+        merged.graph.register_initializer(value)
+    for node in all_nodes(guest.graph):
+        node.name = names(prefix + (node.name or node.op_type))
+        for out in node.outputs:
+            if out.name:
+                old = out.name
+                out.name = names(prefix + old)
+                if node.graph is guest.graph:
+                    renamed[old] = out.name
+    guest.graph.outputs.clear()
+    for node in list(guest.graph):
+        guest.graph.remove(node)
+        merged.graph.append(node)
+    for domain, version in guest.opset_imports.items():
+        merged.opset_imports.setdefault(domain, version)
+    for key, function in guest.functions.items():
+        merged.functions.setdefault(key, function)
+    return merged, renamed
 
 
 def opset_version(model: ir.Model) -> int:

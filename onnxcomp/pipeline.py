@@ -125,7 +125,9 @@ def compress(
         pass  # a model onnxruntime cannot run is the user's input problem, not a pass bug
     working = original.clone()
     context = PassContext(calib=calib_data, seed=seed, batch_size=batch_size, progress=progress,
-                          gate=recipe.gate)
+                          gate=recipe.gate, original=original)
+    for step in recipe.steps:  # files the passes read: checked before any work
+        get_pass(step.name).check(step.config, original, context)
     stats = run_passes(working, recipe, context, verify_each=verify_each)
     verify_model(working, "the compressed model")
 

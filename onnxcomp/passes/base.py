@@ -58,7 +58,9 @@ class PassContext:
     """What a run shares with its passes: data, the seed, the recipe's gate, and where it works.
 
     ``gate`` lets a pass aim at the fidelity the run will be judged by (quantize_static's
-    sensitivity fallback); None when the pass runs outside a recipe.
+    sensitivity fallback); None when the pass runs outside a recipe. ``original`` is the model
+    as the run loaded it, before any pass (read only: a teacher for distillation); None outside
+    a run.
     """
 
     calib: Dataset | None = None
@@ -66,6 +68,7 @@ class PassContext:
     batch_size: int = 32
     progress: bool = False
     gate: Gate | None = None
+    original: ir.Model | None = None
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator that depends only on the seed and ``salt`` (deterministic)."""
@@ -128,6 +131,12 @@ class CompressionPass(ir.passes.InPlacePass):
     def calibration_needed(cls, config: PassConfig) -> bool:
         """Whether this pass, with ``config``, needs calibration data (checked before any work)."""
         return cls.needs_calibration
+
+    @classmethod
+    def check(cls, config: PassConfig, model: ir.Model, context: PassContext) -> None:
+        """Check the inputs this pass will read (files named in ``config``, the data in
+        ``context``) against ``model`` before any pass runs; raise OnnxcompError naming the
+        problem. The default checks nothing."""
 
     def __init__(self, config: PassConfig | dict | None = None, context: PassContext | None = None):
         super().__init__()
