@@ -300,7 +300,8 @@ def split_data(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
 
     def part(select):
         labels = None if data.labels is None else data.labels[select]
-        return Dataset({k: v[select] for k, v in data.inputs.items()}, labels, data.source, data.fixed_batch)
+        inputs = {k: v if data.layout(k) == "shared" else v[select] for k, v in data.inputs.items()}
+        return Dataset(inputs, labels, data.source, data.fixed_batch, dict(data.layouts))
 
     return part(~hold), part(hold)
 
