@@ -125,7 +125,7 @@ def _cmd_run(args) -> int:
     output = Path(args.output) if args.output else Path(f"{model_path.stem}.{Path(recipe.source).stem}.onnx")
     targets = [(output, "-o/--output")]
     if args.external_data:
-        targets.append((output.with_name(output.name + ".data"), "external data"))
+        targets.append((output.with_name(output.name + ".0123456789ab.data"), "external data"))  # digest-named
     if args.report:
         targets.append((Path(args.report), "--report"))
     check_outputs([t for t, _ in targets], protect=_inputs(model_path), kinds=[k for _, k in targets])

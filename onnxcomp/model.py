@@ -5,16 +5,19 @@ it must parse as ONNX, its external data must stay inside the model's folder, an
 onnxruntime must be able to run its IR version and opsets. Weights held in
 ``Constant`` nodes are lifted to initializers so every pass sees one form.
 
-Saving is atomic (temporary file in the target folder, then rename), never over
-the input, and switches to external data when the model would pass protobuf's
-2 GB limit.
+Saving is atomic (temporary files in the target folder, then renames), never over
+the input or its data, and switches to external data (``<name>.<digest>.data``) when
+the model would pass protobuf's 2 GB limit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -36,6 +39,7 @@ __all__ = [
     "check_path",
     "atomic_outputs",
     "input_files",
+    "weights_digest",
     "clone_model",
     "model_nbytes",
     "has_external_tensors",
@@ -47,6 +51,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 _PATH_MAX = 4096  # Linux PATH_MAX (bytes, with the terminating NUL)
 _NAME_MAX = 255  # bytes in one path component
 _TMP_EXTRA = 32  # room for the hidden temporary directory of an atomic write
+_DIGEST_CHARS = 12  # hex digits of the weights digest in external data file names
 
 
 def load_model(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
@@ -87,20 +92,34 @@ def save_model(
 
     ``protect`` lists files that must never be overwritten (the input model and its
     external data: see :func:`input_files`). External data is used when asked, or
-    (``None``) when the weights pass the protobuf limit; it is written as
-    ``<name>.data`` beside the model. ``extra`` are other files of the same run (a
-    report): each callable gets the written model's size in bytes (with its external
-    data) and returns the file's text. Every path is checked before the first byte is
-    written; the files are written to temporary names and renamed into place only once
-    all of them are complete (external data first, the model, then the extras).
+    (``None``) when the weights pass the protobuf limit; it is written beside the model
+    as ``<name>.<digest>.data``, named by a digest of the weights, so a new model never
+    writes over the data file an existing ``<name>`` still reads: the rename of the
+    model file is the one moment the output switches from old to new. ``extra`` are
+    other files of the same run (a report): each callable gets the written model's size
+    in bytes (with its external data) and returns the file's text.
+
+    Every path is checked before the first byte is written; the files are written to
+    temporary names and renamed into place only once all of them are complete (external
+    data first, then the model, then the extras). Digest-named data files of ``<name>``
+    that the new model does not read (the replaced model's) are removed afterwards.
     """
     path = Path(path)
     if external_data is None:
         external_data = model_nbytes(model) > PROTOBUF_LIMIT
-    data_path = path.with_name(path.name + ".data")
+    data_path = path.with_name(f"{path.name}.{'0' * _DIGEST_CHARS}.data")  # checked with the real name's length
     extra_paths = [Path(p) for p, _ in extra]
     targets = ([data_path] if external_data else []) + [path] + extra_paths
-    check_outputs(targets, protect=(*protect, *_external_files(model)))
+    protected = (*protect, *_external_files(model))
+    check_outputs(targets, protect=protected)
+    if external_data:
+        data_path = path.with_name(f"{path.name}.{weights_digest(model)}.data")
+        targets[0] = data_path
+        check_outputs(targets, protect=protected)
+    previous = input_files(path) if path.is_file() else set()
+    if previous & _external_files(model):  # the file at ``path`` is the model being saved
+        raise OnnxcompError(f"output {_shown(path)}: output path is the input model or one of its external "
+                            f"data files; refusing to overwrite it")
     with atomic_outputs(targets) as temps:
         tmp_model = temps[1] if external_data else temps[0]
         try:
@@ -114,7 +133,38 @@ def save_model(
         size = sum(t.stat().st_size for t in temps[: 2 if external_data else 1])
         for tmp, (_, render) in zip(temps[len(targets) - len(extra):], extra):
             tmp.write_text(render(size), encoding="utf-8")
+    _remove_stale_data(path, keep=data_path if external_data else None,
+                       previous=previous, protected={_real(p) for p in protected})
     return path
+
+
+def weights_digest(model: ir.Model) -> str:
+    """A digest of every initializer (name, type, shape, bytes): names external data files."""
+    digest = hashlib.blake2b(digest_size=_DIGEST_CHARS // 2)
+    for graph in _all_graphs(model.graph):
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
+            if tensor is not None:
+                digest.update(tensor.tobytes())
+    return digest.hexdigest()
+
+
+def _remove_stale_data(path: Path, keep: Path | None, previous: set[str], protected: set[str]) -> None:
+    """Digest-named data files of ``path`` (ours) that its new model no longer reads.
+
+    Such a file is left behind by the model this save replaced, or by a save that was
+    killed before its end. Never a protected file, never a file of another name.
+    """
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{%d}\.data" % _DIGEST_CHARS)
+    folder = path.parent if str(path.parent) else Path(".")
+    candidates = {_real(p) for p in folder.glob(glob.escape(path.name) + ".*.data")} | previous
+    for candidate in candidates:
+        file = Path(candidate)
+        if (file.parent == Path(_real(folder)) and pattern.fullmatch(file.name)
+                and candidate not in protected and (keep is None or candidate != _real(keep))):
+            with contextlib.suppress(OSError):
+                file.unlink()
 
 
 def check_path(path: str | os.PathLike, what: str = "file") -> Path:

@@ -242,6 +242,7 @@ def _progress_bar(label: str):
 
 
 def _file_size(path: Path, external: bool) -> int:
-    size = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return size + (data.stat().st_size if external and data.exists() else 0)
+    from onnxcomp.model import input_files
+
+    files = input_files(path) if external else {str(path)}
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))

@@ -98,10 +98,9 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
 
     weight_bytes = model_nbytes(model)
     if file_path is not None and Path(file_path).exists():
-        size = Path(file_path).stat().st_size
-        data_file = Path(str(file_path) + ".data")
-        if data_file.exists():
-            size += data_file.stat().st_size
+        from onnxcomp.model import input_files
+
+        size = sum(os.path.getsize(f) for f in input_files(file_path) if os.path.isfile(f))
     elif weight_bytes < PROTOBUF_LIMIT:
         size = ir.serde.serialize_model(model).ByteSize()
     else:

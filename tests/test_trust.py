@@ -183,22 +183,36 @@ def test_one_hot_labels_are_converted(mlp_path, val_path):
 
 
 def test_input_external_data_never_overwritten(tmp_path, cnn_path, val_path, capsys):
+    """The issue's reproduction: the input's data file is called out.onnx.data, the output out.onnx."""
     folder = tmp_path / "c"
     folder.mkdir()
     model_in = folder / "in.onnx"
     onnx.save(onnx.load(cnn_path), model_in, save_as_external_data=True, location="out.onnx.data",
               size_threshold=0)
-    before = {p: p.read_bytes() for p in folder.iterdir()}
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     code = main(["run", "int8-dynamic", "-m", str(model_in), "-o", str(folder / "out.onnx"), "--external-data",
                  "--val", str(val_path), "--latency-runs", "0"])
-    _one_line_error(capsys, code, "out.onnx.data", "input")
-    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    assert code == 0, capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {k: after[k] for k in before} == before  # input model and its data byte-identical
     load_model(model_in)  # still loads
-    # the Python API holds the same line
+    load_model(folder / "out.onnx")  # and so does the output, with its own data file
+    assert len(set(after) - set(before)) == 2
+    # a second run over the output replaces it and never touches the input's files
+    code = main(["run", "cleanup", "-m", str(model_in), "-o", str(folder / "out.onnx"), "--external-data",
+                 "--val", str(val_path), "--latency-runs", "0"])
+    assert code == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+    assert len(list(folder.glob("out.onnx.*.data"))) == 1  # the replaced model's data file is gone
+    # outputs that are the input's data file are refused, before any work
+    for args in (["-o", str(folder / "out.onnx.data")],
+                 ["-o", str(tmp_path / "x.onnx"), "--report", str(folder / "out.onnx.data")]):
+        code = main(["run", "cleanup", "-m", str(model_in), *args, "--latency-runs", "0"])
+        _one_line_error(capsys, code, "out.onnx.data", "input model or one of its external data files")
     result = onnxcomp.compress(model_in, "cleanup", val=val_path, latency_runs=0)
-    with pytest.raises(OnnxcompError, match="input"):
-        result.save(folder / "out.onnx", external_data=True)
-    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(OnnxcompError, match="input model"):
+        result.save(folder / "out.onnx.data")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
 
 
 # --- finding 5: exit 2, nothing written ----------------------------------------------------
@@ -354,3 +368,94 @@ def test_shipped_floor_catches_a_broken_result_without_labels(tmp_path, mlp_path
         gate = onnxcomp.load_recipe(name).gate
         failures, _ = check_gate(gate, fid, {})
         assert failures, name
+
+
+# --- start-up: lazy imports, --version, recipes, Literal values ----------------------------
+
+_HEAVY = ("onnx", "onnx_ir", "onnxruntime", "numpy", "onnxscript", "scipy")
+
+
+def _imported_by(argv: list[str], env: dict | None = None) -> tuple[int, str, set[str]]:
+    code = ("import sys, io, contextlib\nfrom onnxcomp.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    try:\n        rc = main(%r)\n"
+            "    except SystemExit as e:\n        rc = e.code\n"
+            "print(rc)\nprint(out.getvalue())\nprint('MODULES', ' '.join(sorted(sys.modules)))\n" % argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, **(env or {})})
+    head, _, modules = proc.stdout.rpartition("MODULES ")
+    rc, _, out = head.partition("\n")
+    return int(rc), out, set(modules.split())
+
+
+def test_help_version_and_cached_passes_import_nothing_heavy(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    for argv in (["--help"], ["run", "--help"], ["--version"]):
+        rc, out, modules = _imported_by(argv, env)
+        assert rc == 0, out
+        assert not {m.split(".")[0] for m in modules} & set(_HEAVY), (argv, set(_HEAVY) & modules)
+    rc, out, _ = _imported_by(["--version"], env)
+    assert out.strip() == f"onnxcomp {onnxcomp.__version__}"
+    rc, first, _ = _imported_by(["passes"], env)  # builds the catalog cache
+    rc, second, modules = _imported_by(["passes"], env)
+    assert rc == 0 and second == first and "quantize_static:" in second
+    assert not {m.split(".")[0] for m in modules} & set(_HEAVY), set(_HEAVY) & modules
+
+
+def test_passes_show_allowed_values_and_match_the_registry(capsys):
+    from onnxcomp.catalog import build_catalog, pass_catalog
+
+    assert pass_catalog() == build_catalog()
+    assert main(["passes", "quantize_static"]) == 0
+    out = capsys.readouterr().out
+    assert "method (minmax|percentile|entropy|mse) = 'minmax'" in out
+    assert "reduce_range (bool | auto) = 'auto'" in out
+    assert "(Literal)" not in out
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(shipped_recipes())
+    assert all(len(line.split(None, 1)) == 2 for line in lines)  # each with a description
+
+
+# --- determinism across processes --------------------------------------------------------
+
+_DETERMINISM = """
+import sys
+from pathlib import Path
+import onnxcomp
+from onnxcomp.data import load_data
+from onnxcomp.model import load_model, save_model
+from onnxcomp.passes.base import PassContext
+from onnxcomp.pipeline import run_passes
+from onnxcomp.recipe import shipped_recipes
+out = Path(sys.argv[1])
+models = Path("models")
+for name in sorted(shipped_recipes()):
+    model = models / ("tiny_bert/tiny_bert.onnx" if name == "transformer-int8" else "digits_cnn.onnx")
+    calib = models / ("tiny_bert/calib.npz" if name == "transformer-int8" else "digits/calib.npz")
+    recipe = onnxcomp.load_recipe(name)
+    working = load_model(model)
+    data = load_data(calib, working)
+    run_passes(working, recipe, PassContext(calib=data, seed=recipe.seed, gate=recipe.gate))
+    save_model(working, out / f"{name}.onnx")
+"""
+
+
+def test_every_shipped_recipe_is_byte_identical_across_processes(tmp_path):
+    """Two processes with different PYTHONHASHSEED (set iteration order, hash-keyed dicts) agree."""
+    procs = []
+    for seed in ("1", "2"):
+        folder = tmp_path / seed
+        folder.mkdir()
+        procs.append((folder, subprocess.Popen([sys.executable, "-c", _DETERMINISM, str(folder)], cwd=ROOT,
+                                               env={**os.environ, "PYTHONHASHSEED": seed},
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for folder, proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    a, b = (sorted(p.name for p in folder.iterdir()) for folder, _ in procs)
+    assert a == b and len(a) == len(shipped_recipes())
+    for name in a:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
