@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "bench" / "minilm"))
 from onnxcomp.data import load_data  # noqa: E402
 from onnxcomp.model import load_model, save_model  # noqa: E402
 from onnxcomp.passes.base import PassContext  # noqa: E402
-from onnxcomp.passes.equalize import SMOOTH_QUANT_TAG, equalize_model, smooth_quant_model  # noqa: E402
+from onnxcomp.passes.quantize.equalize import equalize_model  # noqa: E402
+from onnxcomp.passes.quantize.smooth_quant import SMOOTH_QUANT_TAG, smooth_quant_model  # noqa: E402
 from onnxcomp.registry import get_pass  # noqa: E402
 
 DIGITS = {"prep": ["cleanup"], "variants": {
@@ -52,7 +53,12 @@ def prepare(model_path: Path, calib, steps: list[str], prep: list[str]):
 
 def ort_int8(src: Path, dst: Path, reader, matmul_only: bool) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     graph = onnx.load(str(src), load_external_data=False).graph
     keep_float = [n.name for n in graph.node if any(p.key == SMOOTH_QUANT_TAG for p in n.metadata_props)]
@@ -63,11 +69,14 @@ def ort_int8(src: Path, dst: Path, reader, matmul_only: bool) -> None:
 
 
 def ours_int8(model, calib, dst: Path, matmul_only: bool) -> None:
-    from onnxcomp.passes.quantize import QuantizeStaticConfig, quantize_static_model
+    from onnxcomp.passes.quantize.static import (
+        QuantizeStaticConfig,
+        quantize_static_model,
+    )
 
     keep_float = tuple(n.name for n in model.graph if SMOOTH_QUANT_TAG in n.metadata_props)
     other_ops = tuple({n.op_type for n in model.graph} - {"MatMul"}) if matmul_only else ()
-    quantize_static_model(model, calib, QuantizeStaticConfig(exclude_nodes=keep_float, exclude_ops=other_ops))
+    quantize_static_model(model, calib, QuantizeStaticConfig(exclude=(*keep_float, *other_ops)))
     save_model(model, dst)
 
 

@@ -22,6 +22,8 @@ import dataclasses
 import numpy as np
 import scipy.linalg
 
+from onnxcomp.qparams import shrink_search
+
 __all__ = ["BlockQuant", "quantize_rtn", "quantize_gptq", "block_params", "pack_bits", "relative_error"]
 
 _GPTQ_LAZY_COLUMNS = 128  # columns updated together (a multiple of every allowed block size)
@@ -114,23 +116,19 @@ def block_params(blocks: np.ndarray, bits: int, symmetric: bool, dtype=np.float3
     """Scale (float64 holding ``dtype`` values) and zero point (uint8) of each block ``[..., block_size]``.
 
     With ``search`` the range is also shrunk by each factor of ``_SHRINK_GRID`` (1 down to 0.5) and,
-    per block, the factor with the least squared rounding error is kept.
+    per block, the factor with the least squared rounding error is kept (:func:`onnxcomp.qparams.shrink_search`).
     """
-    best_scale, best_zp, best_err = None, None, None
-    for shrink in (_SHRINK_GRID if search else (1.0,)):
+    if not search:
+        return _range_params(blocks, bits, symmetric, dtype, 1.0)
+
+    def shrunk(shrink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scale, zp = _range_params(blocks, bits, symmetric, dtype, shrink)
-        if not search:
-            return scale, zp
         q = _round(blocks, scale[..., None], zp[..., None], bits)
         err = ((blocks - (q.astype(np.float64) - zp[..., None]) * scale[..., None]) ** 2).sum(axis=-1)
-        if best_err is None:
-            best_scale, best_zp, best_err = scale, zp, err
-            continue
-        better = err < best_err
-        best_scale = np.where(better, scale, best_scale)
-        best_zp = np.where(better, zp, best_zp)
-        best_err = np.minimum(err, best_err)
-    return best_scale, best_zp
+        return err, scale, zp
+
+    scale, zp = shrink_search(_SHRINK_GRID, shrunk)
+    return scale, zp
 
 
 def _range_params(blocks: np.ndarray, bits: int, symmetric: bool, dtype,

@@ -19,18 +19,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.passes.qdq_static import QLINEAR_OPS, SHARED_SCALE_OPS
+from onnxcomp.int8_ops import INT8_KERNELS, QLINEAR_OPS, SHARED_SCALE_OPS
 from onnxcomp.runtime import optimized_graph
 
 __all__ = ["fusion_report", "INT8_KERNELS", "COMPUTE_OPS"]
 
-INT8_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger",
-    "ConvInteger", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
-    "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QLinearWhere",
-    "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "NhwcMaxPool",
-    "GatherBlockQuantized",
-})
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulInteger", "ConvInteger", "MatMulNBits"})
 # non-compute ops ORT can run on int8 (QLinear* kernels, int8 data movement, Relu/Clip folded into Q)
 _INT8_CAPABLE = frozenset({*QLINEAR_OPS, *SHARED_SCALE_OPS, "Relu", "Clip"})

@@ -26,39 +26,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.gate import Gate
 from onnxcomp.registry import get_pass
 
 if TYPE_CHECKING:
     from onnxcomp.passes.base import PassConfig
 
 __all__ = ["Gate", "Recipe", "PassStep", "load_recipe", "parse_recipe", "shipped_recipes"]
-
-
-class Gate(BaseModel):
-    """Thresholds the compressed model must meet against the original.
-
-    ``output`` and ``mask_input`` are not thresholds: they say what the fidelity metrics
-    measure (see :func:`onnxcomp.validate.compare`).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="accuracy points (0-1)")
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    min_cosine: float | None = Field(None, ge=-1, le=1)
-    max_mean_abs_error: float | None = Field(None, ge=0)
-    max_abs_error: float | None = Field(None, ge=0)
-    max_kl: float | None = Field(None, ge=0)
-    min_fused_ratio: float | None = Field(None, ge=0, le=1, description="int8 kernels / quantized nodes")
-    max_size_ratio: float | None = Field(None, gt=0)
-    output: str | None = Field(None, min_length=1, description="model output the headline metrics use "
-                               "(default: the first output)")
-    mask_input: str | None = Field(None, min_length=1, description="model input whose 0 entries mark padding "
-                                   "left out of the metrics, or 'auto' (default: no mask)")
-
-    def thresholds(self) -> dict[str, Any]:
-        """The thresholds that are set (``output`` / ``mask_input`` are not thresholds)."""
-        return self.model_dump(exclude_none=True, exclude={"output", "mask_input"})
 
 
 class _RecipeFile(BaseModel):

@@ -40,10 +40,11 @@ def get_pass(name: str, where: str = "") -> type[CompressionPass]:
 
 
 def all_passes() -> dict[str, type[CompressionPass]]:
-    """Every registered pass: the modules of ``onnxcomp.passes`` are imported first."""
+    """Every registered pass: the modules of ``onnxcomp.passes`` and of its subpackages (a pass
+    family such as ``onnxcomp.passes.quantize``) are imported first."""
     import onnxcomp.passes
 
-    for info in pkgutil.iter_modules(onnxcomp.passes.__path__):
-        if info.name != "base":
-            importlib.import_module(f"onnxcomp.passes.{info.name}")
+    for info in pkgutil.walk_packages(onnxcomp.passes.__path__, prefix="onnxcomp.passes."):
+        if not info.name.endswith(".base"):
+            importlib.import_module(info.name)
     return dict(sorted(_PASSES.items()))

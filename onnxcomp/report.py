@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp.data import Dataset
+from onnxcomp.params import count_params, nonzero_params
 from onnxcomp.runtime import open_session, session_options
 
 __all__ = [
@@ -33,62 +34,6 @@ __all__ = [
 _MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "MatMul", "Gemm", "MatMulInteger",
             "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
             "MatMulNBits", "ConvTranspose", "FusedConv", "FusedMatMul"}
-
-
-def _initializers(model: ir.Model):
-    for graph in (model.graph, *model.graph.subgraphs()):
-        yield from graph.initializers.values()
-
-
-def count_params(model: ir.Model) -> int:
-    """Elements stored in initializers with more than one element (weights, not scalars).
-
-    Block-quantized weights count as the logical weights they encode, like the float
-    op they replace: ``MatMulNBits`` K·N (its packed data, scales and zero points are not
-    counted again), ``GatherBlockQuantized`` vocab×dim.
-    """
-    logical, encoded = _block_quantized(model)
-    total = logical
-    for value in _initializers(model):
-        tensor = value.const_value
-        if tensor is None or tensor.size <= 1 or value.name in encoded:
-            continue
-        total += tensor.size
-    return total
-
-
-_ENCODING_INPUTS = {"MatMulNBits": (1, 2, 3, 4), "GatherBlockQuantized": (0, 2, 3)}  # data, scales, zp (g_idx)
-
-
-def _block_quantized(model: ir.Model) -> tuple[int, set[str]]:
-    """(logical weights of block-quantized nodes, names of the initializers that encode them)."""
-    logical, encoded = 0, set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        indices = _ENCODING_INPUTS.get(node.op_type) if node.domain == "com.microsoft" else None
-        if indices is None:
-            continue
-        values = [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
-        if not values or values[0].const_value is None:
-            continue  # weights computed at run time: nothing stored
-        if node.op_type == "MatMulNBits":
-            logical += node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
-        else:
-            data = values[0].const_value
-            bits = node.attributes.get_int("bits", 4)
-            packed = data.dtype == ir.DataType.UINT8 and bits < 8  # else int4/uint4/uint8 elements
-            logical += data.size * 8 // bits if packed else data.size
-        encoded.update(v.name for v in values if v.const_value is not None)
-    return logical, encoded
-
-
-def _nonzero(model: ir.Model) -> int:
-    total = 0
-    for value in _initializers(model):
-        tensor = value.const_value
-        if tensor is None or tensor.size <= 1:
-            continue
-        total += int(np.count_nonzero(tensor.numpy()))
-    return total
 
 
 def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
@@ -106,7 +51,7 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
     else:
         size = weight_bytes
     params = count_params(model)
-    nonzero = _nonzero(model)
+    nonzero = nonzero_params(model)
     ops = Counter(
         (node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
         for node in ir.traversal.RecursiveGraphIterator(model.graph)

@@ -23,10 +23,11 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, check_label_range, model_inputs
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.recipe import Gate
+from onnxcomp.gate import FIDELITY_KEYS, Gate
 from onnxcomp.runtime import open_session, run_batches
 
-__all__ = ["compare", "reference_outputs", "check_gate", "check_data", "select_target", "Target", "AUTO_MASK"]
+__all__ = ["Gate", "FidelityCheck", "compare", "reference_outputs", "check_gate", "check_data", "select_target",
+           "Target", "AUTO_MASK"]
 
 AUTO_MASK = "auto"
 
@@ -337,3 +338,39 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class FidelityCheck:
+    """The fidelity part of a gate as something a pass can aim at (the pipeline hands one to the
+    passes as ``PassContext.fidelity``; see :class:`onnxcomp.passes.base.FidelityEvaluator`):
+    compare a candidate with its float original on some data, judge the thresholds, rank by loss.
+    Size and fusion thresholds are left out (a pass cannot measure them on a candidate)."""
+
+    def __init__(self, gate: Gate):
+        self.thresholds = {k: getattr(gate, k) for k in FIDELITY_KEYS if getattr(gate, k) is not None}
+        self.gate = Gate(**self.thresholds, output=gate.output, mask_input=gate.mask_input)
+        self.target = self.gate.model_dump(exclude_none=True)
+        self.output = gate.output
+
+    def reference(self, model: ir.Model, data: Dataset, batch_size: int = 32) -> list[list[np.ndarray]]:
+        return reference_outputs(model, data, batch_size)
+
+    def measure(self, original: ir.Model, candidate: ir.Model, data: Dataset,
+                reference: list[list[np.ndarray]] | None = None, batch_size: int = 32) -> dict[str, Any]:
+        return compare(original, candidate, data, batch_size=batch_size, output=self.gate.output,
+                       mask_input=self.gate.mask_input, reference=reference)
+
+    def failures(self, fidelity: dict[str, Any]) -> tuple[list[str], list[str]]:
+        return check_gate(self.gate, fidelity, {})
+
+    def loss(self, fidelity: dict[str, Any]) -> float:
+        """One smooth number to rank candidates by (lower is better): 1 − cosine for a cosine
+        target, else KL of the class probabilities when the output has classes (accuracy itself
+        is too coarse to rank by), else the mean absolute error."""
+        if self.gate.min_cosine is not None:
+            return 1.0 - fidelity["cosine"]
+        if fidelity.get("kl") is not None:
+            return fidelity["kl"]
+        if self.gate.max_mean_abs_error is not None or self.gate.max_abs_error is not None:
+            return fidelity["mean_abs_error"]
+        return 1.0 - fidelity["cosine"]

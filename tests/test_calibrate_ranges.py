@@ -5,19 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcomp.calibrate import (
-    Gram,
-    Histogram,
-    MinMax,
-    _clipped_kl,
+from onnxcomp.calibrate import Gram, Histogram, MinMax
+from onnxcomp.qparams import weight_absmax
+from onnxcomp.ranges import (
     _clipped_kl_many,
     _one_sided_counts,
     entropy_range,
-    minmax_range,
     mse_range,
     percentile_range,
     tensor_range,
-    weight_absmax,
 )
 
 
@@ -47,7 +43,7 @@ def test_histogram_doubling_keeps_counts_and_extremes():
 
 def test_minmax_is_exact(heavy_tailed):
     hist = _histogram(heavy_tailed)
-    assert minmax_range(hist) == (pytest.approx(heavy_tailed.min()), pytest.approx(heavy_tailed.max()))
+    assert (hist.min, hist.max) == (pytest.approx(heavy_tailed.min()), pytest.approx(heavy_tailed.max()))
     reducer = MinMax()
     reducer.update(heavy_tailed)
     assert tensor_range(reducer, "entropy") == (heavy_tailed.min(), heavy_tailed.max())  # MinMax: min-max
@@ -162,3 +158,23 @@ def test_gram_multiplies_in_float32_and_sums_in_float64():
     np.testing.assert_allclose(gram.xtx, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
     np.testing.assert_allclose(np.diag(gram.xtx), np.diag(exact), rtol=1e-6)
     np.testing.assert_allclose(gram.xtx, gram.xtx.T, rtol=0, atol=0)  # symmetric as XᵀX is
+
+
+def _clipped_kl(counts: np.ndarray, stop: int, levels: int) -> float:
+    """The reference KL(P || Q) bin by bin: P = counts[:stop] with the clipped tail added to its last
+    bin; Q = the first ``stop`` bins merged into ``levels`` groups, each group's mass spread over
+    its non-empty bins (TensorRT's calibration, written plainly)."""
+    p = counts[:stop].astype(np.float64)
+    p[-1] += counts[stop:].sum()
+    groups = (np.arange(stop) * levels) // stop
+    starts = np.flatnonzero(np.diff(groups, prepend=-1))
+    nonzero = p > 0
+    mass = np.add.reduceat(counts[:stop].astype(np.float64), starts)
+    filled = np.add.reduceat(nonzero.astype(np.float64), starts)
+    q = np.where(nonzero, (mass / np.maximum(filled, 1))[groups], 0.0)
+    if q.sum() == 0:
+        return np.inf
+    mask = p > 0
+    p = p[mask] / p.sum()
+    q = np.maximum(q[mask] / q.sum(), 1e-8)
+    return float((p * np.log(p / q)).sum())

@@ -11,7 +11,7 @@ from onnxcomp.data import load_data
 from onnxcomp.model import load_model
 from onnxcomp.passes.base import PassContext
 from onnxcomp.passes.cleanup import Cleanup
-from onnxcomp.passes.quantize_weights import QuantizeWeights
+from onnxcomp.passes.quantize.weights import QuantizeWeights
 from onnxcomp.pipeline import compress
 from onnxcomp.report import count_params, estimate_macs, model_summary
 from onnxcomp.runtime import open_session

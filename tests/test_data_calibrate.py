@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcomp.calibrate import ChannelAbsMax, Gram, Histogram, MinMax, collect
+from onnxcomp.calibrate import ChannelMean, Gram, Histogram, MinMax, collect
 from onnxcomp.data import load_data, synthetic_data
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
@@ -68,9 +68,9 @@ def test_collect_matches_full_pass(cnn, calib_path):
     """Streaming reduction over batches equals statistics of all activations at once."""
     data = load_data(calib_path, cnn)
     conv_out = next(n for n in cnn.graph if n.op_type == "Relu").outputs[0].name
-    mm, hist, gram, absmax = MinMax(), Histogram(256), Gram(), ChannelAbsMax(axis=1)
+    mm, hist, gram, mean = MinMax(), Histogram(256), Gram(), ChannelMean(axis=1)
     per_channel = MinMax(axis=1)
-    collect(cnn, data, {conv_out: [mm, hist, absmax, per_channel], "input": [gram]}, batch_size=37)
+    collect(cnn, data, {conv_out: [mm, hist, mean, per_channel], "input": [gram]}, batch_size=37)
 
     probe = cnn.clone()
     value = next(v for n in probe.graph for v in n.outputs if v.name == conv_out)
@@ -79,7 +79,7 @@ def test_collect_matches_full_pass(cnn, calib_path):
         full = session.run([conv_out], {"input": data.inputs["input"]})[0]
     assert mm.min == pytest.approx(full.min()) and mm.max == pytest.approx(full.max())
     assert hist.counts.sum() == full.size
-    np.testing.assert_allclose(absmax.value, np.abs(full).max(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(mean.mean, full.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-9)
     np.testing.assert_allclose(per_channel.max, full.max(axis=(0, 2, 3)), rtol=1e-6)
     x = data.inputs["input"].reshape(-1, 8).astype(np.float64)
     np.testing.assert_allclose(gram.xtx, x.T @ x, rtol=1e-9)

@@ -14,11 +14,10 @@ from pydantic import ValidationError
 from onnxcomp.calibrate import collect
 from onnxcomp.data import Dataset
 from onnxcomp.model import load_model
-from onnxcomp.passes.equalize import (
+from onnxcomp.passes.quantize.equalize import Equalize, equalize_model
+from onnxcomp.passes.quantize.smooth_quant import (
     SMOOTH_QUANT_TAG,
-    Equalize,
     SmoothQuant,
-    equalize_model,
     smooth_quant_model,
 )
 from onnxcomp.pipeline import compress

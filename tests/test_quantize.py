@@ -18,10 +18,15 @@ from onnx import numpy_helper as nh
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
-from onnxcomp.passes.qdq import activation_params, weight_params
 from onnxcomp.pipeline import compress
+from onnxcomp.qparams import activation_params, weight_params
 from onnxcomp.runtime import optimized_graph
-from tests.qdq_models import gemm_variants, kitchen_sink, kitchen_sink_data, masked_attention
+from tests.qdq_models import (
+    gemm_variants,
+    kitchen_sink,
+    kitchen_sink_data,
+    masked_attention,
+)
 
 MAX_DROP = 0.01
 
@@ -239,7 +244,10 @@ def test_activation_beyond_max_range_stays_float(tmp_path):
 
 def test_reused_statistics_skip_calibration(cnn_path, calib_path):
     from onnxcomp.data import load_data
-    from onnxcomp.passes.quantize import QuantizeStaticConfig, quantize_static_model
+    from onnxcomp.passes.quantize.static import (
+        QuantizeStaticConfig,
+        quantize_static_model,
+    )
 
     model = load_model(cnn_path)
     config = QuantizeStaticConfig(method="percentile")
@@ -293,7 +301,7 @@ def test_cli_int8_without_calib_exits_2(tmp_path, cnn_path, val_path):
 
 
 def test_old_exclusion_options_still_work_with_a_deprecation_warning():
-    from onnxcomp.passes.quantize import QuantizeStaticConfig
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
     with pytest.warns(DeprecationWarning, match="'exclude_(nodes|ops)' is deprecated"):
         config = QuantizeStaticConfig(exclude_nodes=["/head/*"], exclude_ops=["Conv"])

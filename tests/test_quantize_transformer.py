@@ -18,7 +18,7 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxcomp.passes import qdq_static
+from onnxcomp.passes.quantize import plan as qdq_static
 from onnxcomp.pipeline import compress
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"

@@ -9,13 +9,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
+from onnxcomp.blockquant import pack_bits, quantize_gptq, quantize_rtn, relative_error
 from onnxcomp.calibrate import Gram, collect
 from onnxcomp.data import load_data
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.passes.base import PassContext
-from onnxcomp.blockquant import pack_bits, quantize_gptq, quantize_rtn, relative_error
-from onnxcomp.passes.quantize_weights import QuantizeWeights, QuantizeWeightsConfig
+from onnxcomp.passes.quantize.weights import QuantizeWeights, QuantizeWeightsConfig
 from onnxcomp.pipeline import compress
 from onnxcomp.runtime import open_session
 

@@ -9,8 +9,9 @@ import onnx_ir as ir
 import pytest
 
 from onnxcomp.model import load_model
-from onnxcomp.passes import transformer
-from onnxcomp.passes.transformer import FuseTransformer, ToFp16, detect_attention_shape
+from onnxcomp.passes import proto_roundtrip
+from onnxcomp.passes.fuse_transformer import FuseTransformer, detect_attention_shape
+from onnxcomp.passes.to_fp16 import ToFp16
 from onnxcomp.pipeline import compress
 
 TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"
@@ -119,7 +120,7 @@ def test_tools_leave_no_files_in_the_working_folder(bert_path, tmp_path, monkeyp
 
 
 def test_large_or_external_models_go_through_a_file(bert_path, bert_val, monkeypatch):
-    monkeypatch.setattr(transformer, "PROTOBUF_LIMIT", 0)  # as if the model were > 2 GB
+    monkeypatch.setattr(proto_roundtrip, "PROTOBUF_LIMIT", 0)  # as if the model were > 2 GB
     result = compress(bert_path, {"passes": ["fuse_transformer"]}, val=bert_val, latency_runs=0)
     assert "Attention" in _ops(result.model)
     assert result.report["fidelity"]["max_abs_error"] <= 1e-4
@@ -184,7 +185,6 @@ def test_to_fp16_twice_finds_nothing_left(cnn_path):
 
 
 def test_transformer_int8_recipe_quantizes_every_matmul_of_tiny_bert(bert_path, bert_val):
-    pytest.importorskip("onnxcomp.passes.quantize")
     result = compress(bert_path, "transformer-int8", val=bert_val, latency_runs=0)
     assert [p["name"] for p in result.report["passes"]] == ["cleanup", "fuse_transformer", "quantize_dynamic"]
     ops = [n.op_type for n in result.model.graph]

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 import onnxcomp
 from onnxcomp.cli import main
-from onnxcomp.data import Dataset, load_data
+from onnxcomp.data import load_data
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.recipe import Gate, shipped_recipes

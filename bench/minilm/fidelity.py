@@ -5,7 +5,6 @@
 import sys
 
 import numpy as np
-
 from common import INPUT_NAMES, cache_dir
 
 

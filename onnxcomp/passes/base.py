@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from onnxcomp.graph import NodeSelection
+from onnxcomp.params import count_params
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
-    from onnxcomp.recipe import Gate
 
-__all__ = ["PassConfig", "PassContext", "PassStats", "CompressionPass", "CompressionResult"]
+__all__ = ["PassConfig", "PassContext", "FidelityEvaluator", "PassStats", "CompressionPass", "CompressionResult"]
 
 
 class PassConfig(BaseModel):
@@ -53,21 +54,43 @@ class PassConfig(BaseModel):
         return data
 
 
+class FidelityEvaluator(Protocol):
+    """How a pass measures a candidate model the way the run will judge it (implemented by
+    :class:`onnxcomp.validate.FidelityCheck`; passes never import the validator)."""
+
+    thresholds: Mapping[str, float]  # the fidelity thresholds to meet (empty: none set)
+    target: Mapping[str, Any]  # the thresholds and what they measure, for reports
+    output: str | None  # the model output the headline metrics use (None: the first)
+
+    def reference(self, model: ir.Model, data: Dataset, batch_size: int = 32) -> Any:
+        """The outputs of ``model`` on ``data`` (computed once, passed to :meth:`measure`)."""
+
+    def measure(self, original: ir.Model, candidate: ir.Model, data: Dataset, reference: Any = None,
+                batch_size: int = 32) -> dict[str, Any]:
+        """Fidelity metrics of ``candidate`` against ``original`` on ``data``."""
+
+    def failures(self, fidelity: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(thresholds failed, thresholds that cannot be checked) for these metrics."""
+
+    def loss(self, fidelity: dict[str, Any]) -> float:
+        """One number to rank candidates by, lower is better."""
+
+
 @dataclasses.dataclass
 class PassContext:
-    """What a run shares with its passes: data, the seed, the recipe's gate, and where it works.
+    """What a run shares with its passes: data, the seed, a fidelity evaluator, and where it works.
 
-    ``gate`` lets a pass aim at the fidelity the run will be judged by (quantize_static's
-    sensitivity fallback); None when the pass runs outside a recipe. ``original`` is the model
-    as the run loaded it, before any pass (read only: a teacher for distillation); None outside
-    a run.
+    ``fidelity`` lets a pass aim at the fidelity the run will be judged by (quantize_static's
+    sensitivity fallback): the pipeline builds it from the recipe's gate; None when the pass
+    runs outside a recipe. ``original`` is the model as the run loaded it, before any pass
+    (read only: a teacher for distillation); None outside a run.
     """
 
     calib: Dataset | None = None
     seed: int = 0
     batch_size: int = 32
     progress: bool = False
-    gate: Gate | None = None
+    fidelity: FidelityEvaluator | None = None
     original: ir.Model | None = None
 
     def rng(self, salt: str = "") -> np.random.Generator:
@@ -148,8 +171,6 @@ class CompressionPass(ir.passes.InPlacePass):
         self.context = context or PassContext()
 
     def call(self, model: ir.Model) -> CompressionResult:
-        from onnxcomp.report import count_params
-
         stats = PassStats(self.name)
         stats.params_before = count_params(model)
         unmatched = self.config.unmatched(model.graph) if isinstance(self.config, NodeSelection) else []

@@ -193,7 +193,7 @@ class _Inputs:
 
         self = cls()
         data: Dataset | None = ctx.calib
-        gate_output = ctx.gate.output if ctx.gate is not None else None
+        gate_output = ctx.fidelity.output if ctx.fidelity is not None else None
         outputs = [v.name for v in model.graph.outputs]
         self.output = gate_output or outputs[0]
         if self.output not in outputs:

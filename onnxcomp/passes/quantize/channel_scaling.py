@@ -18,11 +18,19 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.graph import STANDARD_DOMAINS, Layer, Names, add_initializer, constant_array, is_standard
+from onnxcomp.graph import (
+    STANDARD_DOMAINS,
+    Layer,
+    Names,
+    add_initializer,
+    constant_array,
+    is_standard,
+)
 
-__all__ = ["LinearLayer", "NormLayer", "ConstMul", "WeightEdits", "STANDARD", "NORMS"]
+__all__ = ["LinearLayer", "NormLayer", "ConstMul", "WeightEdits", "STANDARD", "NORMS", "HOMOGENEOUS"]
 
 STANDARD = STANDARD_DOMAINS
+HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Identity"}  # f(x/s) = f(x)/s for s > 0, in any layout
 NORMS = {  # op type -> (index of γ, index of β or None); both scale along the last axis
     "LayerNormalization": (1, 2),
     "SimplifiedLayerNormalization": (1, None),

@@ -33,9 +33,23 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from onnxcomp.blockquant import BlockQuant, pack_bits, quantize_gptq, quantize_rtn, relative_error
+from onnxcomp.blockquant import (
+    BlockQuant,
+    pack_bits,
+    quantize_gptq,
+    quantize_rtn,
+    relative_error,
+)
+from onnxcomp.graph import (
+    Layer,
+    Names,
+    NodeSelection,
+    add_initializer,
+    constant_array,
+    is_standard,
+    label,
+)
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, is_standard, label
 from onnxcomp.registry import register
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]

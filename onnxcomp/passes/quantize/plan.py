@@ -1,11 +1,11 @@
 """Static QDQ quantization in separable steps, shared by ``quantize_static`` and by the tools
 that re-run it (sensitivity search, bias correction)::
 
-    prepare_static(model, options)                 # qdq_prepare: float rewrites (MatMul+Add -> Gemm)
+    prepare_static(model, options)                 # prepare: float rewrites (MatMul+Add -> Gemm)
     plan = plan_static(model, options)             # read-only: which nodes and tensors
     stats = calibrate_plan(model, plan, data, options)   # one streaming pass over the data
     ranges = plan_ranges(model, plan, stats, options)    # tensor -> (lo, hi)
-    apply_static(model, plan, ranges, options)     # qdq_rewrite: the rewrite
+    apply_static(model, plan, ranges, options)     # rewrite: the rewrite
 
 Which nodes (onnxruntime's CPU QDQ selectors decide what fuses):
 - ``compute`` — Conv, MatMul, Gemm: DequantizeLinear on the activation, the int8 weight and the
@@ -40,27 +40,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.calibrate import Histogram, MinMax, collect, tensor_range
+from onnxcomp.calibrate import Histogram, MinMax, collect
 from onnxcomp.data import Dataset
 from onnxcomp.graph import NodeSelection, constant_array, label, opset_version
-from onnxcomp.passes.qdq import activation_params
-from onnxcomp.passes.qdq_prepare import value_types
+from onnxcomp.int8_ops import COMPUTE_OPS, QLINEAR_OPS, SHARED_SCALE_OPS
+from onnxcomp.passes.quantize.prepare import value_types
+from onnxcomp.qparams import activation_params
+from onnxcomp.ranges import tensor_range
 
 if TYPE_CHECKING:
-    from onnxcomp.passes.quantize import QuantizeStaticConfig
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
-__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable",
-           "data_inputs",
-           "COMPUTE_OPS", "QLINEAR_OPS", "SHARED_SCALE_OPS"]
+__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable", "data_inputs"]
 
-COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
-# op -> indices of the inputs that carry data (None: all)
-QLINEAR_OPS = {"Add": None, "Mul": None, "Concat": None, "Where": (1, 2), "AveragePool": (0,),
-               "GlobalAveragePool": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "Softmax": (0,)}
-# op -> newest opset ORT's drop-QDQ rule matches it at (None: any)
-SHARED_SCALE_OPS = {"Reshape": None, "Flatten": None, "Transpose": None, "Squeeze": None, "Unsqueeze": None,
-                    "Gather": None, "GatherElements": None, "Slice": None, "Expand": None, "Tile": None,
-                    "Resize": None, "Split": None, "MaxPool": 21}
 _UNIT_RANGE_OUTPUTS = ("Softmax", "Sigmoid")
 # a constant table (embedding) read by a quantized Gather is stored with one per-tensor scale:
 # allowed quantization error of its median row, relative to the row's norm (see _coarse_table)

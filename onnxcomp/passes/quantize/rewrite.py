@@ -1,6 +1,6 @@
 """The rewrite step of static QDQ quantization: :func:`apply_static` turns a
-:class:`~onnxcomp.passes.qdq_static.StaticPlan` and its ranges into QuantizeLinear /
-DequantizeLinear nodes, int8 weights and int32 biases (see :mod:`onnxcomp.passes.qdq_static`
+:class:`~onnxcomp.passes.quantize.plan.StaticPlan` and its ranges into QuantizeLinear /
+DequantizeLinear nodes, int8 weights and int32 biases (see :mod:`onnxcomp.passes.quantize.plan`
 for which nodes and why).
 """
 
@@ -14,19 +14,16 @@ from onnx_ir.passes import common as ir_common
 
 from onnxcomp.calibrate import tensor_values
 from onnxcomp.graph import Layer, Names, add_initializer, insert_at_producer
-from onnxcomp.passes.qdq import (
-    QParams,
-    activation_params,
-    bias_params,
+from onnxcomp.passes.quantize.plan import StaticPlan, data_inputs
+from onnxcomp.passes.quantize.qdq import (
     dequantize_linear,
     dequantized_constant,
     quantize_linear,
-    weight_params,
 )
-from onnxcomp.passes.qdq_static import StaticPlan, data_inputs
+from onnxcomp.qparams import QParams, activation_params, bias_params, weight_params
 
 if TYPE_CHECKING:
-    from onnxcomp.passes.quantize import QuantizeStaticConfig
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
 __all__ = ["apply_static"]
 

@@ -1,5 +1,7 @@
-"""Building blocks of the int8 passes: quantization parameters, quantized initializers, and
-QuantizeLinear / DequantizeLinear nodes on onnx-ir graphs.
+"""Integer quantization numerics shared by every family: scale / zero point (:class:`QParams`)
+for activations, weights and biases, the one clip-range search (:func:`shrink_search`, used by
+weight clipping, activation ranges and block quantization), and the CPU check behind
+``reduce_range: auto``. Pure numpy: the graph side lives in the passes.
 
 Conventions (what onnxruntime's CPU kernels expect):
 - weights: symmetric, zero point 0, int8 in [-127, 127] ([-63, 63] with ``reduce_range``),
@@ -14,13 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
-
-from onnxcomp.calibrate import weight_absmax
-from onnxcomp.graph import Names, add_initializer
 
 __all__ = [
     "QParams",
@@ -29,10 +28,8 @@ __all__ = [
     "weight_params",
     "bias_params",
     "bias_qparams",
-    "dequantize_node",
-    "quantize_linear",
-    "dequantize_linear",
-    "dequantized_constant",
+    "weight_absmax",
+    "shrink_search",
     "saturating_u8s8",
     "is_x86",
 ]
@@ -111,41 +108,49 @@ def bias_qparams(input_scale: np.ndarray, weight_scale: np.ndarray) -> QParams:
     return QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
 
 
-def quantize_linear(x: ir.Value, scale: ir.Value, zero: ir.Value, names: Names, base: str) -> ir.Node:
-    """QuantizeLinear(x, scale, zero) -> ``base``_quantized (per tensor)."""
-    out = ir.Value(name=names(f"{base}_quantized"), type=zero.type, shape=x.shape)
-    return ir.node("QuantizeLinear", [x, scale, zero], outputs=[out], name=names(f"{base}_QuantizeLinear"))
+def weight_absmax(weight: np.ndarray, axis: int | None, method: str = "minmax", qmax: int = 127,
+                  candidates: int = 36) -> np.ndarray | float:
+    """Per-channel (along ``axis``; None = per tensor) clipping threshold for symmetric weights.
+
+    ``minmax``: max |w|. ``mse``: the fraction of max |w| (grid of ``candidates`` ratios in
+    [0.3, 1]) minimising each channel's squared rounding + clipping error with steps of t/qmax.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    absmax = np.abs(rows).max(axis=1)
+    if method == "minmax":
+        return absmax.astype(np.float64) if axis is not None else float(absmax[0])
+    if method != "mse":
+        raise ValueError(f"unknown weight method {method!r}")
+
+    def clipped(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+        limit = np.maximum(ratio * absmax, 1e-12)[:, None]
+        scale = (limit / qmax).astype(np.float32)
+        err = ((rows - np.clip(np.round(rows / scale), -qmax, qmax) * scale) ** 2).sum(axis=1, dtype=np.float64)
+        return err, limit[:, 0]
+
+    (best,) = shrink_search(np.linspace(0.3, 1.0, candidates), clipped)
+    return best if axis is not None else best[0]
 
 
-def dequantize_linear(q: ir.Value, scale: ir.Value, zero: ir.Value | None, names: Names, base: str,
-                      axis: int | None = None) -> ir.Node:
-    """DequantizeLinear(q, scale[, zero]) -> float ``base``_dequantized (per ``axis`` if given)."""
-    out = ir.Value(name=names(f"{base}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=q.shape)
-    inputs = [q, scale] if zero is None else [q, scale, zero]
-    attributes = {} if axis is None else {"axis": axis}
-    return ir.node("DequantizeLinear", inputs, attributes, outputs=[out], name=names(f"{base}_DequantizeLinear"))
+def shrink_search(factors: Iterable[float], evaluate: Callable[[float], tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """The clip-range search: per element, the candidate with the least error.
 
-
-def dequantized_constant(graph: ir.Graph, names: Names, base: str, q: np.ndarray, params: QParams,
-                         before: ir.Node, zero_point: bool = True) -> ir.Value:
-    """Store ``q`` (already quantized) with ``params`` and return the value of its DequantizeLinear,
-    inserted before ``before``."""
-    q_value = add_initializer(graph, names, f"{base}_quantized", q)
-    scale = add_initializer(graph, names, f"{base}_scale", params.scale)
-    zero = add_initializer(graph, names, f"{base}_zero_point", params.zero_point) if zero_point else None
-    node = dequantize_linear(q_value, scale, zero, names, base, params.axis)
-    graph.insert_before(before, node)
-    return node.outputs[0]
-
-
-def dequantize_node(dq: ir.Node) -> np.ndarray:
-    """What a DequantizeLinear of constants computes, in float64 (its axis respected)."""
-    q = dq.inputs[0].const_value.numpy()
-    scale = dq.inputs[1].const_value.numpy()
-    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.int32)
-    axis = dq.attributes.get_int("axis", 1) if np.ndim(scale) == 1 and q.ndim > 1 else None
-    params = QParams(scale, zero, axis % q.ndim if axis is not None else None)
-    return params.dequantize(q)
+    ``evaluate(factor)`` returns ``(error, *values)``, arrays of one shape (one element per
+    channel, block or tensor); for each element the values of the first factor with the least
+    error are kept (ties go to the earlier factor). Returns those values.
+    """
+    best_err, best = None, None
+    for factor in factors:
+        err, *values = evaluate(factor)
+        err = np.asarray(err, np.float64)
+        if best_err is None:
+            best_err, best = err, [np.asarray(v) for v in values]
+            continue
+        better = err < best_err
+        best = [np.where(better, v, b) for v, b in zip(values, best)]
+        best_err = np.where(better, err, best_err)
+    return best
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_sta
 from onnxcomp.runtime import open_session, session_options
 
 if TYPE_CHECKING:
-    from onnxcomp.passes.quantize import QuantizeStaticConfig
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
 __all__ = ["prepare_static", "value_types"]
 

@@ -1,0 +1,134 @@
+"""``quantize_dynamic`` (onnxruntime's QOperator form): int8 weights, activations quantized at run
+time by DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add bias), which onnxruntime
+fuses into DynamicQuantizeMatMul for MatMul and Gemm. :func:`quantize_dynamic_model` is the
+Python entry point.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from onnxcomp.graph import (
+    Layer,
+    Names,
+    NodeSelection,
+    add_initializer,
+    is_standard,
+    label,
+)
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.quantize.int8_common import (
+    EMBEDDINGS_HELP,
+    REDUCE_RANGE_HELP,
+    check_opset,
+    merge_tool_stats,
+    note_reduce_range,
+    quantize_embeddings,
+)
+from onnxcomp.qparams import weight_params
+from onnxcomp.registry import register
+
+__all__ = ["QuantizeDynamic", "QuantizeDynamicConfig", "quantize_dynamic_model"]
+
+
+class QuantizeDynamicConfig(PassConfig, NodeSelection):
+    renamed_options: ClassVar[dict[str, str]] = {"exclude_nodes": "exclude", "exclude_ops": "exclude"}
+
+    per_channel: bool = Field(True, description="one weight scale per output column (else per tensor)")
+    weight_method: Literal["minmax", "mse"] = Field(
+        "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
+    reduce_range: bool | Literal["auto"] = Field("auto", description=REDUCE_RANGE_HELP)
+    quantize_embeddings: bool = Field(True, description=EMBEDDINGS_HELP)
+    embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
+
+
+@register
+class QuantizeDynamic(CompressionPass):
+    """Dynamic int8 quantization: int8 weights, activation scales computed at run time.
+
+    MatMul and Gemm with a constant weight become DynamicQuantizeLinear -> MatMulInteger ->
+    Cast -> Mul (-> Add bias), which onnxruntime fuses into DynamicQuantizeMatMul. Conv is left
+    in float: ORT's CPU ConvInteger has no fused kernel and runs slower than the float Conv.
+    """
+
+    name = "quantize_dynamic"
+    summary = "int8 weights, activations quantized at run time (DynamicQuantizeMatMul for MatMul/Gemm)"
+    Config = QuantizeDynamicConfig
+
+    def run(self, model: ir.Model, stats: PassStats) -> None:
+        check_opset(model, self.name)
+        if self.config.quantize_embeddings:
+            merge_tool_stats(stats, quantize_embeddings(model, self.config))
+        for what, why in quantize_dynamic_model(model, self.config):
+            if why:
+                stats.skip(what, why)
+            else:
+                stats.touch(what)
+        note_reduce_range(self.config, stats)
+
+
+def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> list[tuple[str, str | None]]:
+    """Rewrite every eligible MatMul/Gemm of ``model`` in place; return (node, why skipped or None)."""
+    graph = model.graph
+    names = Names(graph)
+    report = []
+    for node in list(graph):
+        if not is_standard(node) or node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        layer = None if node.op_type == "Conv" else Layer.of(node, graph)
+        why = _dynamic_ineligible(node, layer) or config.why_not(node, layer.params if isinstance(layer, Layer) else None)
+        if why is None:
+            _dynamic_matmul(graph, names, layer, config)
+        report.append((label(node), why))
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    return report
+
+
+def _dynamic_ineligible(node: ir.Node, layer: Layer | str | None) -> str | None:
+    if node.op_type == "Conv":
+        return "ORT's CPU ConvInteger has no fused kernel (slower than the float Conv): left in float"
+    if isinstance(layer, str):
+        return layer
+    if node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1"
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and layer.bias() is None:
+        return "the bias C is not one value per output column"
+    return None
+
+
+def _dynamic_matmul(graph: ir.Graph, names: Names, layer: Layer, config: QuantizeDynamicConfig) -> None:
+    """x @ W (+ bias) -> DynamicQuantizeLinear(x) · MatMulInteger(int8 W) · Cast · Mul(scales) (· Add)."""
+    node = layer.node
+    base = node.name or node.outputs[0].name
+    w = layer.weight().T  # [K, N]
+    bias = layer.bias() if node.op_type == "Gemm" else None
+    wp, wq = weight_params(w.astype(np.float32), 1 if config.per_channel else None,
+                           method=config.weight_method, reduce_range=config.reduce_range)
+    w_q = add_initializer(graph, names, f"{base}_weight_quantized", wq)
+    w_scale = add_initializer(graph, names, f"{base}_weight_scale", wp.scale)
+    w_zero = add_initializer(graph, names, f"{base}_weight_zero_point", wp.zero_point)
+    dql = ir.node("DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3, name=names(f"{base}_DynamicQuantizeLinear"))
+    for out, suffix, dtype in zip(dql.outputs, ("quantized", "scale", "zero_point"),
+                                  (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)):
+        out.name, out.type = names(f"{base}_input_{suffix}"), ir.TensorType(dtype)
+    mmi = ir.node("MatMulInteger", [dql.outputs[0], w_q, dql.outputs[2], w_zero], name=node.name)
+    cast = ir.node("Cast", mmi.outputs, {"to": ir.DataType.FLOAT}, name=names(f"{base}_cast"))
+    scales = ir.node("Mul", [dql.outputs[1], w_scale], name=names(f"{base}_scales"))
+    rescale = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names(f"{base}_rescale"))
+    new_nodes = [dql, mmi, cast, scales, rescale]
+    if bias is not None:
+        b = add_initializer(graph, names, f"{base}_bias", bias.astype(np.float32))
+        new_nodes.append(ir.node("Add", [rescale.outputs[0], b], name=names(f"{base}_bias_add")))
+    for n in new_nodes:
+        for out in n.outputs:
+            out.name = out.name or names(f"{n.name}_output")
+    graph.insert_before(node, new_nodes)
+    y, final = node.outputs[0], new_nodes[-1].outputs[0]
+    final.type, final.shape = y.type or ir.TensorType(ir.DataType.FLOAT), y.shape
+    y.replace_all_uses_with(final, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    final.name = y.name
