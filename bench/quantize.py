@@ -178,15 +178,8 @@ def ort_quantize(setup: Setup, model: str, how: str, out: Path) -> None:
                 "percentile": "qdq_percentile_noout"}[how]
         return peer.quantize(name, out, setup.minilm_calib_n)
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_dynamic, quantize_static)
     pre = Path.cwd() / "pre.onnx"  # the child's temporary cwd
     quant_pre_process(str(MODELS[model][1]), str(pre))
     if how == "dynamic":

@@ -181,12 +181,7 @@ def _cmd_validate(args) -> int:
     from onnxcomp.data import load_data
     from onnxcomp.model import check_outputs, check_path, load_model
     from onnxcomp.recipe import Gate
-    from onnxcomp.report import (
-        measure_latency,
-        model_summary,
-        print_summary,
-        write_json,
-    )
+    from onnxcomp.report import measure_latency, model_summary, print_summary, write_json
     from onnxcomp.validate import check_gate, compare, select_target
 
     for what in ("original", "compressed", "val"):

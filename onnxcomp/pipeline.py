@@ -19,26 +19,13 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, load_data, synthetic_data
 from onnxcomp.errors import GateFailed, OnnxcompError
-from onnxcomp.model import (
-    PROTOBUF_LIMIT,
-    has_external_tensors,
-    input_files,
-    load_model,
-    model_nbytes,
-    save_model,
-)
+from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, input_files, load_model, model_nbytes, save_model
 from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
 from onnxcomp.runtime import open_session
-from onnxcomp.validate import (
-    FidelityCheck,
-    check_data,
-    check_gate,
-    compare,
-    select_target,
-)
+from onnxcomp.validate import FidelityCheck, check_data, check_gate, compare, select_target
 
 __all__ = ["compress", "run_passes", "verify_model", "Result"]
 

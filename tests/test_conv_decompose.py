@@ -11,14 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.cli import main
 from onnxcomp.passes.base import PassContext
-from onnxcomp.passes.conv_decompose import (
-    CpDecompose,
-    DepthwiseSeparable,
-    SpatialSvd,
-    Tucker2,
-    evbmf_rank,
-    partial_tucker2,
-)
+from onnxcomp.passes.conv_decompose import CpDecompose, DepthwiseSeparable, SpatialSvd, Tucker2, evbmf_rank, partial_tucker2
 from onnxcomp.passes.lowrank import LOWRANK_KEY
 
 RNG = np.random.default_rng(0)

@@ -170,7 +170,7 @@ def test_smooth_quant_lowers_int8_error_of_layernorm_outliers():
 
 
 def test_smooth_quant_auto_alpha_simulates_int8():
-    model, feeds = layernorm_block(), block_data()
+    model = layernorm_block()
     stats = smooth_quant_model(model, Dataset(block_data(seed=3)), alpha="auto")
     info = stats.metrics["smoothed"][0]
     assert info["alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -47,12 +47,7 @@ def test_float_model_has_nothing_quantized(cnn_path):
 
 
 def test_report_on_onnxruntime_quantizers(tmp_path, mlp_path, calib_path):
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
     calib = np.load(calib_path)["input"]
 

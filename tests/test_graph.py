@@ -9,15 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.graph import (
-    Layer,
-    Names,
-    NodeSelection,
-    constant_array,
-    find_layers,
-    insert_at_producer,
-    label,
-)
+from onnxcomp.graph import Layer, Names, NodeSelection, constant_array, find_layers, insert_at_producer, label
 
 RNG = np.random.default_rng(0)
 

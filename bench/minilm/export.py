@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import torch
+
 from common import INPUT_NAMES, cache_dir, model_dir
 
 OPSET = 17
@@ -101,9 +102,8 @@ def main():
         print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s")
     else:
         print(f"cached: {out}")
-    from collections import Counter
-
     import onnx
+    from collections import Counter
     g = onnx.load(str(out)).graph
     print("op types:", dict(sorted(Counter(n.op_type for n in g.node).items())))
     verify(out, mdir)

@@ -5,6 +5,7 @@
 import sys
 
 import numpy as np
+
 from common import INPUT_NAMES, cache_dir
 
 

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 from common import cache_dir
 from fidelity import batches, embed, fidelity, load_npz, make_session
 
@@ -86,14 +87,8 @@ class NpzReader:
 def quantize(name, out, calib_samples):
     """Write variant <name> of <cache>/minilm.onnx to <out>."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_dynamic, quantize_static)
     src, tmp = str(model_path("fp32")), peer_dir() / f"{name}.tmp.onnx"
     if "ortopt" in name:
         from onnxruntime.transformers.optimizer import optimize_model

@@ -18,6 +18,7 @@ import sys
 import warnings
 
 import numpy as np
+
 from common import INPUT_NAMES, cache_dir, model_dir
 
 MODULES = """builtins os os.path sys re json collections itertools functools inspect pathlib string

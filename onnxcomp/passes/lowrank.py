@@ -47,15 +47,7 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 from scipy import linalg
 
-from onnxcomp.graph import (
-    Layer,
-    Names,
-    NodeSelection,
-    add_initializer,
-    constant_array,
-    find_layers,
-    replace_node,
-)
+from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
 from onnxcomp.passes.lowrank_speed import DEFAULT_CACHE, matmul_split_ratio
 from onnxcomp.registry import register
@@ -343,7 +335,7 @@ def _apply(plan: _Plan, names: Names) -> None:
     root = np.sqrt(plan.s[:k])
     a = plan.u[:, :k] * root  # [out, k]
     b = plan.unscale(root[:, None] * plan.vt[:k])  # [k, in]
-    node, graph = layer.node, layer.node.graph
+    node = layer.node
     dtype = constant_array(layer.weight_value).dtype
     base = layer.weight_value.name or layer.name
     b_init = add_initializer(layer.root, names, f"{base}_lowrank_B", np.ascontiguousarray(b.T.astype(dtype)))
