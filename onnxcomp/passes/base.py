@@ -23,7 +23,7 @@ from onnxcomp.params import count_params
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
 
-__all__ = ["PassConfig", "PassContext", "FidelityEvaluator", "PassStats", "CompressionPass", "CompressionResult"]
+__all__ = ["register", "PassConfig", "PassContext", "FidelityEvaluator", "PassStats", "CompressionPass", "CompressionResult"]
 
 
 class PassConfig(BaseModel):
@@ -186,3 +186,18 @@ class CompressionPass(ir.passes.InPlacePass):
 
     def run(self, model: ir.Model, stats: PassStats) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+_PASSES: dict[str, type[CompressionPass]] = {}
+
+
+def register(cls: type[CompressionPass]) -> type[CompressionPass]:
+    """Class decorator: make ``cls`` available to recipes under ``cls.name`` (looked up by
+    :mod:`onnxcomp.registry`)."""
+    name = cls.name
+    if not name.isidentifier() or name.lower() != name:
+        raise ValueError(f"pass name must be snake_case: {name!r}")
+    if name in _PASSES and _PASSES[name] is not cls:
+        raise ValueError(f"pass {name!r} registered twice")
+    _PASSES[name] = cls
+    return cls

@@ -22,8 +22,7 @@ from onnx_ir.passes import common as ir_common
 from pydantic import Field
 
 from onnxcomp.graph import Names, add_initializer, constant_array, is_standard
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.registry import register
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 
 __all__ = ["Cleanup", "fold_batchnorm"]
 

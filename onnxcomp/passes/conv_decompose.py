@@ -37,9 +37,8 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.lowrank import LOWRANK_KEY
-from onnxcomp.registry import register
 
 __all__ = ["Tucker2", "CpDecompose", "SpatialSvd", "DepthwiseSeparable", "partial_tucker2", "evbmf_rank"]
 

@@ -17,9 +17,8 @@ from typing import Literal
 import onnx_ir as ir
 from pydantic import Field, model_validator
 
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.proto_roundtrip import adopt_graph, op_counts, run_proto_tool
-from onnxcomp.registry import register
 
 __all__ = ["FuseTransformer", "FuseTransformerConfig", "detect_attention_shape"]
 

@@ -48,9 +48,8 @@ from pydantic import Field, model_validator
 from scipy import linalg
 
 from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.lowrank_speed import DEFAULT_CACHE, matmul_split_ratio
-from onnxcomp.registry import register
 
 __all__ = ["SvdSplit", "SvdSplitConfig", "LOWRANK_KEY", "truncated_factors"]
 

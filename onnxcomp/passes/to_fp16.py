@@ -19,9 +19,8 @@ from pydantic import Field
 
 from onnxcomp.graph import NodeSelection, label
 from onnxcomp.model import model_nbytes
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.proto_roundtrip import adopt_graph, op_counts, run_proto_tool
-from onnxcomp.registry import register
 
 __all__ = ["ToFp16", "ToFp16Config", "FP16_KEEP_OPS"]
 

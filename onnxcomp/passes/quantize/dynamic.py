@@ -20,7 +20,7 @@ from onnxcomp.graph import (
     is_standard,
     label,
 )
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
@@ -30,7 +30,6 @@ from onnxcomp.passes.quantize.int8_common import (
     quantize_embeddings,
 )
 from onnxcomp.qparams import weight_params
-from onnxcomp.registry import register
 
 __all__ = ["QuantizeDynamic", "QuantizeDynamicConfig", "quantize_dynamic_model"]
 

@@ -18,14 +18,13 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxcomp.graph import NodeSelection, is_standard, label
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.quantize.channel_scaling import (
     HOMOGENEOUS,
     STANDARD,
     LinearLayer,
     WeightEdits,
 )
-from onnxcomp.registry import register
 
 __all__ = ["Equalize", "EqualizeConfig", "equalize_model", "equalization_scales"]
 

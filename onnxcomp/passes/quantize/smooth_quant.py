@@ -32,7 +32,7 @@ from onnxcomp.graph import (
     insert_at_producer,
     label,
 )
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.quantize.channel_scaling import (
     HOMOGENEOUS,
     NORMS,
@@ -43,7 +43,6 @@ from onnxcomp.passes.quantize.channel_scaling import (
     WeightEdits,
 )
 from onnxcomp.qparams import activation_params, weight_params
-from onnxcomp.registry import register
 
 __all__ = ["SmoothQuant", "SmoothQuantConfig", "smooth_quant_model", "smoothing_scales", "SMOOTH_QUANT_TAG",
            "AUTO_ALPHAS"]

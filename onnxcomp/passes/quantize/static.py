@@ -21,12 +21,7 @@ from pydantic import Field, field_validator
 from onnxcomp.calibrate import Histogram, MinMax
 from onnxcomp.data import Dataset
 from onnxcomp.graph import Names, NodeSelection, label
-from onnxcomp.passes.base import (
-    CompressionPass,
-    FidelityEvaluator,
-    PassConfig,
-    PassStats,
-)
+from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register
 from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.int8_common import (
@@ -53,7 +48,6 @@ from onnxcomp.passes.quantize.smooth_quant import (
     smooth_quant_model,
 )
 from onnxcomp.qparams import QParams, is_x86
-from onnxcomp.registry import register
 
 __all__ = ["QuantizeStatic", "QuantizeStaticConfig", "StaticResult", "quantize_static_model"]
 

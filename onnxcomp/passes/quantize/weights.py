@@ -49,8 +49,7 @@ from onnxcomp.graph import (
     is_standard,
     label,
 )
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats
-from onnxcomp.registry import register
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
 
