@@ -4,7 +4,6 @@ a pruned digits model regaining accuracy, and bad inputs exiting 2 before any wo
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper

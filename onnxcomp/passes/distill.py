@@ -37,10 +37,9 @@ from pydantic import Field, model_validator
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import NodeSelection, find_layers
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassContext, PassStats
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassContext, PassStats, register
 from onnxcomp.passes.distill_layerwise import capture, fit_classifier, reconstruct
 from onnxcomp.passes.distill_loss import check_labels, check_logits, distill_loss, load_teacher_logits
-from onnxcomp.registry import register
 
 __all__ = ["Distill", "DistillConfig"]
 
