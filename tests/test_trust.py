@@ -430,6 +430,7 @@ from onnxcomp.model import load_model, save_model
 from onnxcomp.passes.base import PassContext
 from onnxcomp.pipeline import run_passes
 from onnxcomp.recipe import shipped_recipes
+from onnxcomp.validate import FidelityCheck
 out = Path(sys.argv[1])
 models = Path("models")
 for name in sorted(shipped_recipes()):
@@ -438,7 +439,7 @@ for name in sorted(shipped_recipes()):
     recipe = onnxcomp.load_recipe(name)
     working = load_model(model)
     data = load_data(calib, working)
-    run_passes(working, recipe, PassContext(calib=data, seed=recipe.seed, gate=recipe.gate))
+    run_passes(working, recipe, PassContext(calib=data, seed=recipe.seed, fidelity=FidelityCheck(recipe.gate)))
     save_model(working, out / f"{name}.onnx")
 """
 
