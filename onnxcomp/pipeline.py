@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, load_data, synthetic_data
 from onnxcomp.errors import GateFailed, OnnxcompError
+from onnxcomp.graph import opset_version
 from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, input_files, load_model, model_nbytes, save_model
 from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
@@ -173,17 +174,48 @@ def run_passes(model: ir.Model, recipe: Recipe, context: PassContext, *,
                verify_each: bool = False) -> list[PassStats]:
     """Run every step of ``recipe`` on ``model`` in place; return each pass's stats."""
     all_stats = []
+    tried: set[int] = set()
     for index, step in enumerate(recipe.steps):
         cls = get_pass(step.name)
+        if cls.min_opset > opset_version(model) and cls.min_opset not in tried:
+            tried.add(cls.min_opset)
+            all_stats.append(_upgrade_opset(model, cls.min_opset, context, step.name))
         instance = cls(step.config, context)
         start = time.perf_counter()
+        weights = weight_bytes(model)
         result = instance(model)
         stats = result.stats or PassStats(step.name)
         stats.seconds = time.perf_counter() - start
+        grown = weight_bytes(model)
+        if grown > weights * 1.001 + 64:
+            stats.notes.append(f"the model grew: weights {weights:,} -> {grown:,} bytes")
         all_stats.append(stats)
         if verify_each:
             verify_model(model, f"the model after passes[{index}] ({step.name})")
     return all_stats
+
+
+def _upgrade_opset(model: ir.Model, target: int, context: PassContext, needed_by: str) -> PassStats:
+    """The verified opset upgrade (onnxcomp.opset) as a step of the run, with its own stats."""
+    from onnxcomp.opset import upgrade_opset
+
+    start = time.perf_counter()
+    result = upgrade_opset(model, target, context.calib, needed_by=f"pass '{needed_by}'", seed=context.seed)
+    stats = PassStats("opset_upgrade", touched=result.touched, skipped=result.skipped, metrics=result.metrics)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every constant tensor (initializers of all graphs, Constant nodes)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        total += sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+        for node in graph:
+            if node.op_type == "Constant" and "value" in node.attributes:
+                value = node.attributes["value"].value
+                total += getattr(value, "nbytes", 0)
+    return total
 
 
 def verify_model(model: ir.Model, what: str) -> None:

@@ -149,6 +149,8 @@ class CompressionPass(ir.passes.InPlacePass):
     summary: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
     needs_calibration: ClassVar[bool] = False
+    # the default-domain opset the pass needs; the pipeline upgrades older models first (verified)
+    min_opset: ClassVar[int] = 0
 
     @classmethod
     def calibration_needed(cls, config: PassConfig) -> bool:

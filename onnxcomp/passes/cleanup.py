@@ -55,7 +55,7 @@ class Cleanup(CompressionPass):
                 stats.touch(f"{bn}: folded into Conv {conv}")
         if cfg.identity:
             n = _node_count(model)
-            ir_common.IdentityEliminationPass()(model)
+            SubgraphSafeIdentityElimination()(model)
             _note(stats, "identity nodes removed", n - _node_count(model))
         if cfg.unused:
             n = _node_count(model)
@@ -85,12 +85,27 @@ class Cleanup(CompressionPass):
             model,
             input_size_limit=limit,
             output_size_limit=limit,
-            should_fold=lambda node: False if node.op_type in _NEVER_FOLD else None,
+            should_fold=_should_fold,
         )
         # the folder leaves Constant nodes behind: keep weights as initializers
         ir_common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
         ir_common.RemoveUnusedNodesPass()(model)
         _note(stats, "nodes folded into constants", n - _node_count(model))
+
+
+_SHARED_CONSTANT = 1024  # elements: a constant this large that other nodes still read is not copied
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    """False for nodes whose folding would copy a weight: a large constant input that other nodes
+    also read stays alive, so folding would store it twice (the model grows). None: the folder decides."""
+    if node.op_type in _NEVER_FOLD:
+        return False
+    for value in node.inputs:
+        const = value.const_value if value is not None else None
+        if const is not None and const.size >= _SHARED_CONSTANT and len(value.uses()) > 1:
+            return False
+    return None
 
 
 def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
@@ -144,3 +159,24 @@ def _node_count(model: ir.Model) -> int:
 def _note(stats: PassStats, what: str, count: int) -> None:
     if count:
         stats.notes.append(f"{count} {what}")
+
+
+class SubgraphSafeIdentityElimination(ir_common.IdentityEliminationPass):
+    """onnx-ir's identity elimination, keeping the Identity nodes that give a graph its outputs
+    from values of another scope.
+
+    ``y = Identity(x)`` where ``y`` is an output of a graph (a subgraph body's output, say) stays
+    when ``x`` is not produced by a node of that same graph (a graph input, an initializer, a
+    value of the outer scope) or is already a graph output: removing it would leave the graph
+    output not produced by any of its nodes (invalid ONNX) or rename a value of the outer graph.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and len(node.outputs) == 1:
+            x, y = node.inputs[0], node.outputs[0]
+            if x is not None and y.is_graph_output():
+                producer = x.producer()
+                if producer is None or producer.graph is not node.graph or x.is_graph_output():
+                    return False
+        return super()._try_eliminate_identity_node(node)
+

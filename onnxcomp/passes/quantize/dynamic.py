@@ -55,6 +55,7 @@ class QuantizeDynamic(CompressionPass):
     """
 
     name = "quantize_dynamic"
+    min_opset = 13  # per-channel DequantizeLinear (older models are upgraded first, verified)
     summary = "int8 weights, activations quantized at run time (DynamicQuantizeMatMul for MatMul/Gemm)"
     Config = QuantizeDynamicConfig
 

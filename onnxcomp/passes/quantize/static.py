@@ -211,6 +211,7 @@ class QuantizeStatic(CompressionPass):
     """
 
     name = "quantize_static"
+    min_opset = 13  # per-channel DequantizeLinear (older models are upgraded first, verified)
     summary = "int8 QDQ with calibrated activations (minmax/percentile/entropy/mse), per-channel weights"
     Config = QuantizeStaticConfig
     needs_calibration = True

@@ -1,0 +1,209 @@
+"""Graph forms third-party exporters produce: old opsets with Constant-node weights, If/Loop subgraphs,
+weights shared between nodes. Each test is a small graph reproducing a failure seen on the corpus
+(bench/corpus.py), checked against onnxruntime running the original."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import onnxcomp
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import load_model
+from onnxcomp.pipeline import weight_bytes
+from onnxcomp.recipe import load_recipe
+
+from .conftest import DIGITS, ROOT
+
+RECIPES = sorted(p.stem for p in (ROOT / "passes").glob("*.yaml"))
+
+
+def run(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [sess.run(None, f) for f in feeds]
+
+
+def cosine(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---------------------------------------------------------------- old opset, Constant-node weights
+def paddle_like_model(path, opset=11):
+    """Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm, every weight in a Constant
+    node (as paddle2onnx and old torch.onnx write them), at an old opset."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 1, 3, 3)).astype(np.float32) / 3
+    w2 = rng.standard_normal((32, 16, 3, 3)).astype(np.float32) / 12
+    w3 = rng.standard_normal((10, 32)).astype(np.float32) / 6
+
+    def const(name, array):
+        return h.make_node("Constant", [], [name], value=nh.from_array(array, name + "_value"))
+
+    nodes = [const("w1", w1), const("b1", np.full(16, 0.1, np.float32)), const("w2", w2), const("w3", w3),
+             h.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c2"], ["r2"]),
+             h.make_node("GlobalAveragePool", ["r2"], ["p"]), h.make_node("Flatten", ["p"], ["f"]),
+             h.make_node("Gemm", ["f", "w3"], ["y"], transB=1)]
+    graph = h.make_graph(nodes, "paddle_like", [h.make_tensor_value_info("input", T.FLOAT, ["n", 1, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 10])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=7), path)
+    return path
+
+
+def test_old_opset_is_upgraded_verified_and_recorded(tmp_path):
+    path = paddle_like_model(tmp_path / "old.onnx")
+    assert not load_model(path).graph.initializers or all(n.op_type != "Constant" for n in load_model(path).graph)
+    result = onnxcomp.compress(path, "int8", calib=DIGITS / "calib.npz", val=DIGITS / "val.npz", latency_runs=0)
+    steps = {p["name"]: p for p in result.report["passes"]}
+    assert "opset 11 -> 13" in steps["opset_upgrade"]["touched"][0]
+    assert "outputs equal in onnxruntime" in steps["opset_upgrade"]["touched"][0]
+    assert result.model.opset_imports[""] == 13
+    assert steps["quantize_static"]["touched"], "the Convs and the Gemm are quantized after the upgrade"
+    out = result.save(tmp_path / "int8.onnx")
+    x = np.load(DIGITS / "val.npz")["input"][:64]
+    ref, new = run(path, [{"input": x}])[0][0], run(out, [{"input": x}])[0][0]
+    assert cosine(ref, new) > 0.99
+
+
+def test_failed_upgrade_leaves_the_model_and_says_why(tmp_path, monkeypatch):
+    path = paddle_like_model(tmp_path / "old.onnx")
+
+    def refuse(proto, target):
+        raise RuntimeError("no adapter for Conv")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    with pytest.raises(OnnxcompError, match="opset"):
+        onnxcomp.compress(path, "int8-dynamic", latency_runs=0)
+    from onnxcomp.opset import upgrade_opset
+    model = load_model(path)
+    result = upgrade_opset(model, 13, None, needed_by="test")
+    assert not result.done and "cannot convert" in result.skipped[0][1] and "no adapter for Conv" in result.skipped[0][1]
+    assert model.opset_imports[""] == 11
+
+
+# ---------------------------------------------------------------- If / Loop subgraphs
+def subgraph_model(path):
+    """A main-graph MatMul, then an If whose then-branch passes an outer value straight through
+    (Identity) and whose else-branch holds its own weight, then a Loop with a MatMul in its body.
+    Graph outputs: the Loop's, the If's, a graph input passed through Identity, an initializer."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((8, 16)).astype(np.float32) / 3
+    w_else = rng.standard_normal((16, 16)).astype(np.float32) / 4
+    w_loop = rng.standard_normal((16, 16)).astype(np.float32) / 4
+    then_g = h.make_graph([h.make_node("Identity", ["hmain"], ["t_out"])], "then", [],
+                          [h.make_tensor_value_info("t_out", T.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("MatMul", ["hmain", "W_else"], ["e_mm"]), h.make_node("Relu", ["e_mm"], ["e_out"])],
+                          "else", [], [h.make_tensor_value_info("e_out", T.FLOAT, None)], [nh.from_array(w_else, "W_else")])
+    body = h.make_graph([h.make_node("Identity", ["cond_in"], ["cond_out"]),
+                         h.make_node("MatMul", ["acc_in", "W_loop"], ["mm"]), h.make_node("Tanh", ["mm"], ["acc_out"])],
+                        "body", [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+                                 h.make_tensor_value_info("acc_in", T.FLOAT, None)],
+                        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", T.FLOAT, None)])
+    nodes = [h.make_node("MatMul", ["x", "W0"], ["hmm"]), h.make_node("Relu", ["hmm"], ["hmain"]),
+             h.make_node("ReduceSum", ["x"], ["s"], keepdims=0), h.make_node("Greater", ["s", "zero"], ["c"]),
+             h.make_node("If", ["c"], ["if_out"], then_branch=then_g, else_branch=else_g),
+             h.make_node("Loop", ["trip", "true", "if_out"], ["loop_out"], body=body),
+             h.make_node("Identity", ["x"], ["x_copy"])]
+    graph = h.make_graph(
+        nodes, "subgraphs", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 8])],
+        [h.make_tensor_value_info("loop_out", T.FLOAT, ["batch", 16]), h.make_tensor_value_info("if_out", T.FLOAT, ["batch", 16]),
+         h.make_tensor_value_info("x_copy", T.FLOAT, ["batch", 8]), h.make_tensor_value_info("W0", T.FLOAT, [8, 16])],
+        [nh.from_array(w0, "W0"), nh.from_array(w_loop, "W_loop"), nh.from_array(np.array(0, np.float32), "zero"),
+         nh.from_array(np.array(3, np.int64), "trip"), nh.from_array(np.array(True), "true")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def subgraph_data():
+    x = np.load(DIGITS / "val.npz")["input"][:96].reshape(96, 64)[:, ::8].copy() - 0.3  # real pixels, both signs
+    return {"x": x.astype(np.float32)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_keeps_subgraph_outputs_valid(tmp_path, recipe):
+    path = subgraph_model(tmp_path / "sub.onnx")
+    data = subgraph_data()
+    result = onnxcomp.compress(path, recipe, calib=data, val=data, latency_runs=0)
+    out = result.save(tmp_path / f"{recipe}.onnx", force=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    rows = [{"x": data["x"][i:i + 1]} for i in range(0, 96, 7)]
+    for ref, new in zip(run(path, rows), run(out, rows)):
+        np.testing.assert_array_equal(ref[2], new[2])  # the graph input passed through
+        np.testing.assert_array_equal(ref[3], new[3])  # the initializer output is the original weight
+        assert cosine(ref[0], new[0]) > 0.98 and cosine(ref[1], new[1]) > 0.98
+
+
+@pytest.mark.xfail(strict=True, reason="quantization passes do not yet list subgraph nodes as skipped")
+def test_subgraph_weights_left_float_with_a_reason(tmp_path):
+    path = subgraph_model(tmp_path / "sub.onnx")
+    data = subgraph_data()
+    result = onnxcomp.compress(path, "int8", calib=data, val=data, latency_runs=0)
+    quant = next(p for p in result.report["passes"] if p["name"] == "quantize_static")
+    assert any("MatMul" in t for t in quant["touched"]), "the main graph's MatMul is quantized"
+    reasons = {s["what"]: s["why"] for s in quant["skipped"]}
+    inside = [w for w in reasons if "e_mm" in w or "mm" == w.split()[-1] or w.endswith(" mm")]
+    assert inside and all("subgraph" in reasons[w] for w in inside), reasons
+
+
+# ---------------------------------------------------------------- shared weights are not copied
+def test_cleanup_does_not_copy_a_shared_weight(tmp_path):
+    """W feeds a MatMul and a Transpose -> MatMul: folding Transpose(W) would store W twice."""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "W"], ["a"]), h.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             h.make_node("MatMul", ["x", "Wt"], ["b"]), h.make_node("Add", ["a", "b"], ["y"])]
+    graph = h.make_graph(nodes, "shared", [h.make_tensor_value_info("x", T.FLOAT, ["n", 64])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 64])], [nh.from_array(w, "W")])
+    path = tmp_path / "shared.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    before = weight_bytes(load_model(path))
+    result = onnxcomp.compress(path, "cleanup", latency_runs=0)
+    assert weight_bytes(result.model) <= before
+    assert result.report["fidelity"]["max_abs_error"] == 0.0
+
+
+# ---------------------------------------------------------------- torch.onnx If + Loop
+def test_torch_export_with_if_and_loop(tmp_path):
+    """torch.onnx (TorchScript) of a data-dependent if and a for loop: weights used only inside the
+    If branch and the Loop body; every shipped recipe gives a valid model that matches the original."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x, n: int = 3):  # a script int argument keeps the loop a Loop
+            h = torch.relu(self.a(x))
+            if bool(h.sum() > 0):
+                h = self.b(h)
+            else:
+                h = h * 2.0
+            for _ in range(n):
+                h = torch.tanh(self.c(h))
+            return h
+
+    path = tmp_path / "torch_if.onnx"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(Net()), (torch.randn(4, 8),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}}, opset_version=17)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"If", "Loop"} <= ops
+    n = next(i.name for i in onnx.load(path).graph.input if i.name != "x")
+    data = subgraph_data() | {n: np.array(3, np.int64)}  # the loop count: one scalar shared by all samples
+    rows = [{"x": data["x"][i:i + 4], n: data[n]} for i in range(0, 96, 12)]
+    for recipe in ("int8", "int8-dynamic"):
+        result = onnxcomp.compress(path, recipe, calib=data, val=data, latency_runs=0)
+        out = result.save(tmp_path / f"{recipe}.onnx", force=True)
+        onnx.checker.check_model(onnx.load(out), full_check=True)
+        for ref, new in zip(run(path, rows), run(out, rows)):
+            assert cosine(ref[0], new[0]) > 0.99, recipe
