@@ -272,13 +272,14 @@ def test_quantization_parameters():
     assert np.abs(q7).max() == 63
 
 
-def test_old_opset_is_refused(tmp_path, mlp_path, calib_path):
+def test_old_opset_is_upgraded_first(tmp_path, mlp_path, calib_path):
     model = onnx.load(mlp_path)
     model.opset_import[0].version = 12
     path = tmp_path / "old.onnx"
     onnx.save(model, path)
-    with pytest.raises(OnnxcompError, match="opset >= 13"):
-        static(path, calib_path)
+    result = static(path, calib_path)  # upgraded to 13 (verified in onnxruntime), then quantized
+    upgrade = next(p for p in result.report["passes"] if p["name"] == "opset_upgrade")
+    assert "opset 12 -> 13" in upgrade["touched"][0] and result.model.opset_imports[""] == 13
 
 
 def _cli(*args):
