@@ -174,13 +174,13 @@ def test_speed_check_uses_the_cached_measurement(tmp_path, ratio, split):
         assert "not faster in onnxruntime (split/dense time 1.40x at 1 rows, 1.40x at 256 rows)" in stats.skipped[0][1]
 
 
-def test_lowrank_then_static_int8_still_fuses(mlp_path, calib_path, val_path):
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_shipped_lowrank_int8_recipe_splits_then_still_fuses(model, calib_path, val_path):
     import onnxcomp
 
-    recipe = {"passes": ["cleanup", {"svd_split": {"param_ratio": 0.8, "method": "whitened", **NO_SPEED}},
-                         {"quantize_static": {"method": "percentile"}}], "gate": {"min_fused_ratio": 1.0}}
-    result = onnxcomp.compress(mlp_path, recipe, calib=calib_path, val=val_path, latency_runs=0)
-    assert result.report["passes"][1]["metrics"]["ranks"]  # something was split
+    result = onnxcomp.compress(MODELS / f"{model}.onnx", "lowrank-int8", calib=calib_path, val=val_path, latency_runs=0)
+    split = next(p for p in result.report["passes"] if p["name"] == "svd_split")
+    assert split["metrics"]["ranks"] and result.report["compressed"]["params"] < result.report["original"]["params"]
     assert result.report["quantization"]["fused_ratio"] == 1.0 and result.gate_passed
 
 
