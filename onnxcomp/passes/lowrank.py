@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field, model_validator
 from scipy import linalg
+from threadpoolctl import threadpool_limits
 
 from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
@@ -130,6 +131,10 @@ class SvdSplit(CompressionPass):
         return config.method != "plain"
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
+        with threadpool_limits(1):  # one BLAS thread: same bits everywhere; spinning threads on a busy CPU cost 20x
+            self._run(model, stats)
+
+    def _run(self, model: ir.Model, stats: PassStats) -> None:
         cfg: SvdSplitConfig = self.config
         layers, skipped = find_layers(model.graph, cfg, ops=("MatMul", "Gemm"))
         for what, why in skipped:
