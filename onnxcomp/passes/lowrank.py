@@ -150,7 +150,7 @@ class SvdSplit(CompressionPass):
         scales = self._scales(model, eligible, stats) if cfg.method != "plain" and eligible else {}
         plans = []
         for layer in eligible:
-            scale = scales.get(layer.label) if cfg.method != "plain" else None
+            scale = scales.get(id(layer.node)) if cfg.method != "plain" else None
             if cfg.method != "plain" and scale is None:
                 stats.skip(layer.label, "no calibration activations for its input (inside a subgraph)")
                 continue
@@ -190,8 +190,8 @@ class SvdSplit(CompressionPass):
 
     # -- calibration -----------------------------------------------------------------------------
 
-    def _scales(self, model: ir.Model, layers: list[Layer], stats: PassStats) -> dict[str, tuple]:
-        """Per layer label: ("whitened", L) or ("asvd", s), from one calibration run (Gram of each input)."""
+    def _scales(self, model: ir.Model, layers: list[Layer], stats: PassStats) -> dict[int, tuple]:
+        """Per layer node (id; labels of unnamed nodes collide): ("whitened", L) or ("asvd", s), from one calibration run (Gram of each input)."""
         from onnxcomp.calibrate import Gram, collect, tensor_values
 
         cfg: SvdSplitConfig = self.config
@@ -207,6 +207,8 @@ class SvdSplit(CompressionPass):
         collect(model, data, reducers, batch_size=self.context.batch_size)
         out = {}
         for layer in layers:
+            if known.get(layer.input.name) is not layer.input:
+                continue  # a subgraph value that happens to share a main-graph name
             gram = grams.get((layer.input.name, _trans_a(layer)))
             if gram is None or gram.xtx is None:
                 continue
@@ -215,11 +217,11 @@ class SvdSplit(CompressionPass):
                 chol, used = _cholesky(g, cfg.damping)
                 if used != cfg.damping:
                     stats.notes.append(f"{layer.label}: X^T X needed damping {used:g} to factorize")
-                out[layer.label] = ("whitened", chol)
+                out[id(layer.node)] = ("whitened", chol)
             else:
                 rms = np.sqrt(np.maximum(np.diag(g), 0.0))
                 s = np.maximum(rms, 1e-3 * rms.max() if rms.max() > 0 else 1.0) ** cfg.alpha
-                out[layer.label] = ("asvd", s)
+                out[id(layer.node)] = ("asvd", s)
         return out
 
 
