@@ -27,6 +27,7 @@ __all__ = [
     "Histogram",
     "Gram",
     "ChannelMean",
+    "ChannelSquareSum",
     "RowSample",
     "Paired",
     "Stack",
@@ -147,6 +148,26 @@ class ChannelMean:
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
+
+
+class ChannelSquareSum:
+    """Running Σx² per channel along ``axis`` (all other axes summed) and how many values each
+    channel saw; ``norm()`` is each channel's L2 norm over everything streamed (Wanda's ‖x_j‖)."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.value: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, array: np.ndarray) -> None:
+        moved = np.moveaxis(np.asarray(array, np.float64), self.axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        batch = np.einsum("nc,nc->c", flat, flat)
+        self.value = batch if self.value is None else self.value + batch
+        self.count += moved.size // max(moved.shape[-1], 1)
+
+    def norm(self) -> np.ndarray | None:
+        return None if self.value is None else np.sqrt(self.value)
 
 
 class RowSample:
