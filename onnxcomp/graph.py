@@ -463,7 +463,10 @@ class Layer:
             old = self._bias_value()
             array = np.zeros(self.out_features, dtype) if array is None else array
             index = 1 if self.bias_add.inputs[0] is self.node.outputs[0] else 0
-            new = add_initializer(self.root, names, old.name, array.reshape(constant_array(old).shape))
+            shape = list(constant_array(old).shape)
+            if int(np.prod(shape)) != array.size:  # a new number of output channels (channel removal)
+                shape[-1] = array.size
+            new = add_initializer(self.root, names, old.name, array.reshape(shape))
             self.bias_add.replace_input_with(index, new)
             _drop_if_unused(old)
             return

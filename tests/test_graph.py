@@ -212,3 +212,16 @@ def test_runtime_bias_is_accepted_only_when_asked():
     assert Layer.of(node) == "bias is not a constant"
     layer = Layer.of(node, runtime_bias=True)
     assert layer.bias() is None and layer.bias_value().name == "c"
+
+
+def test_set_weight_and_bias_with_fewer_output_channels():
+    """Channel removal writes a smaller weight and bias; a bias Add constant [1, out] keeps its rank."""
+    w, b = RNG.normal(size=(6, 4)), RNG.normal(size=(1, 4))
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                    helper.make_node("Add", ["h", "b"], ["y"], name="add")], {"w": w, "b": b}, [3, 6], [3, None])
+    layer = _only_layer(model)
+    layer.set_weight(layer.weight()[[0, 2]])
+    layer.set_bias(layer.bias()[[0, 2]])
+    assert constant_array(layer.bias_value()).shape == (1, 2)
+    x = RNG.normal(size=(3, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x)[0], x @ w[:, [0, 2]].astype(np.float32) + b[:, [0, 2]], rtol=1e-5, atol=1e-6)

@@ -293,3 +293,128 @@ def test_unstructured_mask_helper_counts_remaining():
     mask = np.array([1, 1, 0, 1, 0, 1], bool)
     new = unstructured_mask(np.arange(6.0), mask, 0.5)  # 4 remaining -> 2 more
     np.testing.assert_array_equal(new, [0, 0, 0, 1, 0, 1])
+
+
+# --- remove_channels ------------------------------------------------------------------------------
+
+def _run_all(model: ir.Model, feeds: dict) -> np.ndarray:
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def test_remove_channels_cnn_shapes_params_and_outputs(cnn):
+    from onnxcomp.report import count_params
+
+    x = np.load(DIGITS / "val.npz")["input"][:50]
+    _prune(cnn, "cleanup")
+    reference = cnn.clone()
+    before = _weights(cnn)
+    stats = _prune(cnn, {"prune": {"method": "ln", "n": 2, "dim": 0, "amount": 0.5, "apply": "remove_channels"}})[0]
+    after = _weights(cnn)
+    shapes = {name: w.shape for name, w in after.items()}
+    assert shapes == {"/features/features.0/Conv": (8, 1, 3, 3), "/features/features.3/Conv": (16, 8, 3, 3),
+                      "/head/head.0/Gemm": (32, 256), "/head/head.2/Gemm": (10, 32)}
+    assert stats.skipped[-1][0] == "group [Gemm /head/head.2/Gemm]" and "graph output" in stats.skipped[-1][1]
+    assert count_params(cnn) < 0.3 * count_params(reference)
+    # the kept channels are torch's ln_structured(dim=0) choice, and removing them is the same
+    # function as zeroing, in the original, every column that reads a removed channel
+    keep = {}
+    for name in ("/features/features.0/Conv", "/features/features.3/Conv", "/head/head.0/Gemm"):
+        w = before[name]
+        norms = np.linalg.norm(w.reshape(w.shape[0], -1), axis=1)
+        keep[name] = np.sort(np.argsort(-norms, kind="stable")[: w.shape[0] // 2])
+    np.testing.assert_array_equal(after["/features/features.0/Conv"], before["/features/features.0/Conv"][
+        keep["/features/features.0/Conv"]])
+    zeroed = {name: w.copy() for name, w in before.items()}
+    conv1, head0, head2 = "/features/features.3/Conv", "/head/head.0/Gemm", "/head/head.2/Gemm"
+    zeroed[conv1][:, np.setdiff1d(np.arange(16), keep["/features/features.0/Conv"])] = 0
+    dead = np.setdiff1d(np.arange(32), keep[conv1])
+    zeroed[head0].reshape(64, 32, 16)[:, dead] = 0
+    zeroed[head2][:, np.setdiff1d(np.arange(64), keep[head0])] = 0
+    for layer in find_layers(reference.graph)[0]:
+        layer.set_weight(zeroed[layer.node.name])
+    np.testing.assert_allclose(_run(cnn, x), _run(reference, x), rtol=1e-4, atol=1e-4)
+
+
+def _block_model() -> ir.Model:
+    """Conv A -> Relu -> Split -> Conv B / Conv C -> Add (residual join) -> Relu -> Concat with Conv D
+    -> BatchNorm -> GlobalAveragePool -> Flatten -> Gemm, plus an attention-like Transpose branch."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "wa": rng.normal(size=(8, 3, 3, 3)), "ba": rng.normal(size=8),
+        "wb": rng.normal(size=(6, 4, 1, 1)), "wc": rng.normal(size=(6, 4, 3, 3)),
+        "wd": rng.normal(size=(5, 3, 1, 1)), "scale": rng.uniform(0.5, 1.5, 11), "bias": rng.normal(size=11),
+        "mean": rng.normal(size=11), "var": rng.uniform(0.5, 1.5, 11), "wg": rng.normal(size=(7, 11)),
+        "we": rng.normal(size=(4, 3, 1, 1)), "split": np.array([4, 4]),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Split", ["ar", "split"], ["s1", "s2"], axis=1),
+        helper.make_node("Conv", ["s1", "wb"], ["b"], name="B"),
+        helper.make_node("Conv", ["s2", "wc"], ["c"], name="C", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "c"], ["bc"]),
+        helper.make_node("Relu", ["bc"], ["bcr"]),
+        helper.make_node("Conv", ["x", "wd"], ["d"], name="D"),
+        helper.make_node("Concat", ["bcr", "d"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "scale", "bias", "mean", "var"], ["bn"]),
+        helper.make_node("GlobalAveragePool", ["bn"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wg"], ["y"], name="G", transB=1),
+        helper.make_node("Conv", ["x", "we"], ["e"], name="E"),
+        helper.make_node("Transpose", ["e"], ["z"], perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 6, 6, 4])],
+                              [numpy_helper.from_array(a.astype(np.int64 if k == "split" else np.float32), k)
+                               for k, a in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def test_remove_channels_groups_residual_split_concat_and_skips():
+    model = _block_model()
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    before = _weights(model)
+    stats = _prune(model, {"prune": {"method": "l1", "dim": 0, "amount": 0.5, "apply": "remove_channels"}})[0]
+    touched = "\n".join(stats.touched)
+    assert "group [Conv A]: 4 of 8" in touched
+    assert "group [Conv B, Conv C]: 3 of 6" in touched  # the residual Add joins them
+    assert "group [Conv D]: 2 of 5" in touched  # round(0.5 * 5) = 2 (half to even)
+    skipped = dict(stats.skipped)
+    assert "Transpose" in skipped["group [Conv E]"] and "graph output" in skipped["group [Gemm G]"]
+    after = _weights(model)
+    assert after["A"].shape == (4, 3, 3, 3) and after["B"].shape[:2] == (3, 2) and after["C"].shape[:2] == (3, 2)
+    assert after["G"].shape == (7, 6)
+    # reference: the original with every column that reads a removed channel zeroed
+    def kept(w, k, extra=None):
+        norms = np.abs(w).reshape(w.shape[0], -1).sum(axis=1) if extra is None else extra
+        return np.sort(np.argsort(norms, kind="stable")[k:])
+    keep_a = kept(before["A"], 4)
+    joint = np.abs(before["B"]).reshape(6, -1).sum(1) + np.abs(before["C"]).reshape(6, -1).sum(1)
+    keep_bc, keep_d = kept(None, 3, joint), kept(before["D"], 2)
+    ref = _block_model()
+    zero = {n: w.copy() for n, w in before.items()}
+    zero["B"][:, np.setdiff1d(np.arange(4), keep_a[keep_a < 4])] = 0
+    zero["C"][:, np.setdiff1d(np.arange(4), keep_a[keep_a >= 4] - 4)] = 0
+    zero["G"][:, np.setdiff1d(np.arange(6), keep_bc)] = 0
+    zero["G"][:, 6 + np.setdiff1d(np.arange(5), keep_d)] = 0
+    for layer in find_layers(ref.graph)[0]:
+        layer.set_weight(zero[layer.node.name])
+    np.testing.assert_allclose(_run(model, x), _run(ref, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["prune-unstructured", "prune-channels"])
+def test_shipped_recipes_pass_their_gates_on_digits(recipe, cnn_path, mlp_path, val_path):
+    import onnxcomp
+
+    for path in (cnn_path, mlp_path):
+        result = onnxcomp.compress(path, recipe, val=val_path, latency_runs=0)
+        assert result.gate_passed, (path.name, result.failures)
+        stats = result.report["passes"][1]
+        assert stats["name"] == "prune" and stats["touched"]
+        if recipe == "prune-channels":
+            assert result.report["compressed"]["params"] < 0.8 * result.report["original"]["params"]
