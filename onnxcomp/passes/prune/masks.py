@@ -76,8 +76,12 @@ def _smallest(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` smallest of a 1-D array (ties: lowest index first)."""
     if k == 0:
         return np.zeros(0, np.int64)
-    order = np.argsort(scores, kind="stable")
-    return order[:k]
+    if k >= scores.size:
+        return np.arange(scores.size)
+    cut = np.partition(scores, k - 1)[k - 1]  # O(n): the k-th smallest value
+    below = np.flatnonzero(scores < cut)
+    tied = np.flatnonzero(scores == cut)
+    return np.concatenate([below, tied[: k - below.size]])
 
 
 def unstructured_mask(scores: np.ndarray, mask: np.ndarray, amount: float | int) -> np.ndarray:

@@ -189,8 +189,8 @@ class Prune(CompressionPass):
 
 
 def layer_input_norms(model: ir.Model, layers: list[Layer], data, batch_size: int) -> dict[str, np.ndarray]:
-    """‖x_j‖₂ per input channel of every layer's activation (main graph only), in one calibration
-    run (Conv: channel axis 1, MatMul/Gemm: the last axis)."""
+    """‖x_j‖ per input channel of every layer's activation (main graph only) as an RMS over all
+    samples and positions, in one calibration run (Conv: channel axis 1, MatMul/Gemm: the last axis)."""
     from onnxcomp.calibrate import ChannelSquareSum, collect
 
     reducers: dict[str, list] = {}
@@ -200,7 +200,9 @@ def layer_input_norms(model: ir.Model, layers: list[Layer], data, batch_size: in
         axis = 1 if layer.node.op_type == "Conv" else -1
         reducers[layer.input.name] = [ChannelSquareSum(axis)]
     collect(model, data, reducers, batch_size=batch_size)
-    return {name: r[0].norm() for name, r in reducers.items() if r[0].norm() is not None}
+    # RMS rather than the plain L2 sum: the same ranking inside a layer (one scale per layer), and
+    # comparable across layers that see different numbers of positions (global scope)
+    return {name: r[0].norm() / np.sqrt(max(r[0].count, 1)) for name, r in reducers.items() if r[0].norm() is not None}
 
 
 @register
