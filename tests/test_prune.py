@@ -418,3 +418,16 @@ def test_shipped_recipes_pass_their_gates_on_digits(recipe, cnn_path, mlp_path, 
         assert stats["name"] == "prune" and stats["touched"]
         if recipe == "prune-channels":
             assert result.report["compressed"]["params"] < 0.8 * result.report["original"]["params"]
+
+
+def test_shared_weight_pruned_once_for_all_readers():
+    w = np.random.default_rng(2).normal(size=(4, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("MatMul", ["h", "w"], ["y"], name="b")]
+    model = _tiny(w, nodes, [1, 4], [1, 4])
+    stats = _prune(model, {"prune": {"amount": 0.5}})[0]
+    assert stats.skipped == [("MatMul b", "shares its weight with MatMul a: pruned once for both")]
+    assert len(model.graph.initializers) == 1
+    stored = next(iter(model.graph.initializers.values())).const_value.numpy()
+    np.testing.assert_array_equal(stored != 0, np.abs(w) > np.median(np.abs(w)))
+    x = np.random.default_rng(3).normal(size=(1, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), x @ stored @ stored, rtol=1e-5, atol=1e-6)

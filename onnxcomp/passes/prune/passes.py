@@ -13,7 +13,8 @@ torch.nn.utils.prune would (:mod:`.masks`), and lands them as the ``apply`` opti
   dependency groups (:mod:`.channels`).
 
 A weight read by several selected layers is pruned once, for all of them (one parameter, one
-mask, as tied weights in torch), in the first reader's logical layout.
+mask, as tied weights in torch), in the first reader's logical layout; with ``apply: mask`` each
+reader gets its own mask node instead.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class Prune(CompressionPass):
     layer or global, composed with earlier masks like torch's PruningContainer; folded, kept as
     explicit Mul nodes, or used to delete channels; optional sparse storage. Masks equal
     torch.nn.utils.prune's on the same weights (ties: lowest index pruned first; random: the
-    stream of torch.manual_seed(seed), layers in graph order). Every selected layer is pruned,
-    the first and last too, unless keep_first_last is set."""
+    stream of torch.manual_seed(seed), layers in graph order). Masks persist in the model's
+    metadata (onnxcomp.prune.masks), so a later prune continues on the remaining weights. Every
+    selected layer is pruned, the first and last too, unless keep_first_last is set. A weight
+    shared by several layers is pruned once for all readers (fold, remove_channels skips it); with
+    apply: mask each reader gets its own mask node."""
 
     name = "prune"
     summary = "prune weights as torch.nn.utils.prune (random/l1/ln/wanda; unstructured, dim 0/1, N:M; layer/global)"
@@ -58,7 +62,8 @@ class Prune(CompressionPass):
         layers, skipped = find_layers(graph, cfg)
         for what, why in skipped:
             stats.skip(what, why)
-        layers = self._representatives(layers, stats)
+        if cfg.apply != "mask":  # mask nodes sit per reader: each reader of a shared weight gets its own
+            layers = self._representatives(layers, stats)
         if cfg.keep_first_last and layers:
             for layer in {id(x): x for x in (layers[0], layers[-1])}.values():
                 stats.skip(layer.label, "first/last layer kept (keep_first_last)")
