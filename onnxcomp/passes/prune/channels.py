@@ -141,8 +141,6 @@ def find_groups(graph: ir.Graph, producers: list[Layer]) -> ChannelGroups:
             c = layer.out_features
             out = Layout(axis, rank, np.full(c, g), np.arange(c))
             cg.weight_sites.append((layer, 0, out))
-            if layer.bias_add is not None:
-                pass  # layer.output is the bias Add's output: the bias is cut with the weight
             put(layer.output, out)
     return cg
 
@@ -352,8 +350,6 @@ def remove_channels(model: ir.Model, layers: list[Layer], weights, scores, old_m
     before = sum(int(np.prod(layer.shape)) for layer in find_layers(graph)[0])
     _remove(graph, cg, drop)
     after = sum(int(np.prod(layer.shape)) for layer in find_layers(graph)[0])
-    for key in list(removed_keys):
-        pass
     state.save_masks(model, {}, drop=removed_keys | {state.layer_key(layer) for layer, _, _ in cg.weight_sites})
     stats.metrics.update(groups_pruned=len({cg.root(g) for g in drop}), layer_params_before=before,
                          layer_params_after=after, apply="remove_channels")

@@ -23,11 +23,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.graph import Layer, Names, find_layers
-from onnxcomp.passes.base import CompressionPass, PassStats
+from onnxcomp.passes.base import CompressionPass, PassStats, register
 from onnxcomp.passes.prune import masks as M
 from onnxcomp.passes.prune import state
 from onnxcomp.passes.prune.config import PruneConfig, PruneRemoveConfig
-from onnxcomp.registry import register
 
 __all__ = ["Prune", "PruneRemove", "layer_input_norms"]
 
