@@ -198,6 +198,21 @@ def channels(subject: Subject, lines: list[str]) -> None:
         print(subject.name, "channels", amount, t_ref / t_new, s, flush=True)
 
 
+def distilled(subject: Subject, lines: list[str]) -> None:
+    """remove_channels 50 % then the ``distill`` pass (closed_form engine, teacher = the original)."""
+    if subject.minilm:
+        return
+    for amount in (0.25, 0.5):
+        pruned, _ = subject.prune({"prune": {"method": "ln", "n": 2, "dim": 0, "amount": amount,
+                                             "apply": "remove_channels"}})
+        model, _ = subject.prune({"prune": {"method": "ln", "n": 2, "dim": 0, "amount": amount,
+                                            "apply": "remove_channels"}}, "distill")
+        a, b = subject.score(pruned), subject.score(model)
+        lines.append(f"| {subject.name} | {int(amount * 100)} % | {a['accuracy'] * 100:.1f} % ({a['cosine']:.3f}) | "
+                     f"{b['accuracy'] * 100:.1f} % ({b['cosine']:.3f}) |")
+        print(subject.name, "distill", amount, a, b, flush=True)
+
+
 def cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -214,6 +229,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits_cnn,digits_mlp,minilm")
     parser.add_argument("--quick", action="store_true", help="fewer levels and samples (development)")
     parser.add_argument("--out", default=None, help="markdown results (default: print only)")
+    parser.add_argument("--sections", default="curves,sparse,channels,distill")
     args = parser.parse_args()
     start = time.time()
     names = [n for n in args.models.split(",") if n != "minilm" or MODELS["minilm"].exists()]
@@ -224,21 +240,31 @@ def main() -> None:
              f"onnxruntime {ort.__version__}, CPUExecutionProvider, intra_op_num_threads={THREADS}; "
              f"{cpu_flags()}; 1-min load average at start {os.getloadavg()[0]:.1f} (the machine was shared "
              "with other jobs: latency ratios are paired medians, noise about ±10 %).", "",
-             "## Fidelity vs sparsity (unstructured)", ""]
-    for subject in subjects:
-        curves(subject, [p for p in levels if not subject.minilm or p in (0.1, 0.3, 0.5, 0.7, 0.9) or args.quick],
-               lines)
-    lines += ["## Sparse storage at 90 % (l1 per layer)", "",
-              "| model | original B | pruned, dense B | pruned, sparse B | sparse / dense | session load s "
-              "(dense / sparse) | latency sparse/dense | same outputs | tensors kept dense |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for subject in subjects:
-        sparse_storage(subject, lines)
-    lines += ["", "## remove_channels (ln n=2, dim 0), batch 64", "",
-              "| model | amount | groups pruned / skipped | params ×orig | MACs ×orig | latency ms (orig -> pruned) "
-              "| speed-up | accuracy / fidelity (orig -> pruned) |", "|---|---|---|---|---|---|---|---|"]
-    for subject in subjects:
-        channels(subject, lines)
+             ]
+    sections = args.sections.split(",")
+    if "curves" in sections:
+        lines += ["## Fidelity vs sparsity (unstructured)", ""]
+        for subject in subjects:
+            curves(subject, [p for p in levels if not subject.minilm or p in (0.1, 0.3, 0.5, 0.7, 0.9) or args.quick],
+                   lines)
+    if "sparse" in sections:
+        lines += ["## Sparse storage at 90 % (l1 per layer)", "",
+                  "| model | original B | pruned, dense B | pruned, sparse B | sparse / dense | session load s "
+                  "(dense / sparse) | latency sparse/dense | same outputs | tensors kept dense |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for subject in subjects:
+            sparse_storage(subject, lines)
+    if "channels" in sections:
+        lines += ["", "## remove_channels (ln n=2, dim 0), batch 64", "",
+                  "| model | amount | groups pruned / skipped | params ×orig | MACs ×orig | latency ms (orig -> pruned) "
+                  "| speed-up | accuracy / fidelity (orig -> pruned) |", "|---|---|---|---|---|---|---|---|"]
+        for subject in subjects:
+            channels(subject, lines)
+    if "distill" in sections:
+        lines += ["", "## remove_channels then `distill` (closed_form, teacher = the original, calib 300 samples)", "",
+                  "| model | amount | val accuracy (logit cosine) pruned | after distill |", "|---|---|---|---|"]
+        for subject in subjects:
+            distilled(subject, lines)
     lines += ["", f"Wall time {time.time() - start:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -99,6 +99,9 @@ class Prune(CompressionPass):
         seen: dict[int, Layer] = {}
         out = []
         for layer in layers:
+            if layer.weight_value.is_graph_output():  # the model outputs this weight: readers get copies
+                out.append(layer)
+                continue
             first = seen.get(id(layer.weight_value))
             if first is not None:
                 stats.skip(layer.label, f"shares its weight with {first.label}: pruned once for both")
@@ -172,7 +175,7 @@ class Prune(CompressionPass):
             if cfg.apply == "fold":
                 folded = (w * new).astype(w.dtype)
                 if newly or not np.array_equal(folded, w):
-                    layer.set_weight(folded, for_all_users=True)
+                    layer.set_weight(folded, for_all_users=not layer.weight_value.is_graph_output())
                 persisted[key] = (new, folded)
                 folded_values.append(layer)
             else:
