@@ -206,7 +206,7 @@ def distilled(subject: Subject, lines: list[str]) -> None:
         pruned, _ = subject.prune({"prune": {"method": "ln", "n": 2, "dim": 0, "amount": amount,
                                              "apply": "remove_channels"}})
         model, _ = subject.prune({"prune": {"method": "ln", "n": 2, "dim": 0, "amount": amount,
-                                            "apply": "remove_channels"}}, "distill")
+                                            "apply": "remove_channels"}}, {"distill": {"teacher": str(subject.path)}})
         a, b = subject.score(pruned), subject.score(model)
         lines.append(f"| {subject.name} | {int(amount * 100)} % | {a['accuracy'] * 100:.1f} % ({a['cosine']:.3f}) | "
                      f"{b['accuracy'] * 100:.1f} % ({b['cosine']:.3f}) |")
