@@ -98,6 +98,11 @@ def test_gemm_trans_alpha_beta_bias(trans_a, trans_b, c_shape):
     np.testing.assert_allclose(_run(model, x), before, atol=1e-4 * np.abs(before).max())
 
 
+def test_a_model_without_matmul_says_so():
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 4], [1, 4])
+    assert "no MatMul/Gemm in the model" in _split(model, **NO_SPEED).notes[0]
+
+
 def test_gemm_with_a_matrix_c_is_skipped_with_its_reason():
     node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g", transB=1)
     model = _model([node], {"w": RNG.normal(size=(20, 12)), "c": RNG.normal(size=(6, 20))}, [6, 12], [6, 20])

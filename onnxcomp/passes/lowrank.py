@@ -140,6 +140,8 @@ class SvdSplit(CompressionPass):
         for what, why in skipped:
             stats.skip(what, why)
         stats.notes.extend(f"selection entry '{p}' matches no node" for p in cfg.unmatched(model.graph))
+        if not layers and not skipped:
+            stats.notes.append("no MatMul/Gemm in the model (Convs: tucker2, cp, spatial_svd, depthwise_separable)")
         eligible = []
         for layer in layers:
             why = _why_not(layer)
