@@ -211,3 +211,15 @@ def test_bad_options_exit_2_before_any_work(tmp_path, mlp_path, capsys, options,
     out = tmp_path / "o.onnx"
     assert main(["run", str(recipe), "-m", str(mlp_path), "-o", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_factors_are_ordinary_layers_for_prune(mlp_path, calib_path, val_path):
+    import onnxcomp
+
+    recipe = {"passes": [{"svd_split": {"method": "whitened", "param_ratio": 0.5, "budget": "global", **NO_SPEED}},
+                         {"prune": {"amount": 0.3}}]}
+    result = onnxcomp.compress(mlp_path, recipe, calib=calib_path, val=val_path, latency_runs=0)
+    split, pruned = result.report["passes"]
+    factors = [t.split(":")[0] for t in pruned["touched"] if "_lowrank_" in t]
+    assert len(factors) == 2 * len(split["metrics"]["ranks"]) > 0
+    assert result.report["fidelity"]["cosine"] > 0.9  # both lossy steps, still the same function
