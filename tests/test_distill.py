@@ -19,7 +19,7 @@ from onnxcomp.passes.distill_layerwise import LinearStats, refit_layer, row_erro
 from onnxcomp.passes.distill_loss import distill_loss
 from onnxcomp.pipeline import compress
 
-from .conftest import DIGITS
+from .conftest import DIGITS, MODELS
 
 
 def _prune(model: ir.Model, sparsity: float) -> ir.Model:
@@ -247,3 +247,63 @@ def test_recipe_with_teacher_option_runs_end_to_end(tmp_path, pruned_path, mlp_p
     # fidelity is measured against the run's input (the pruned model) - the teacher is better still
     teacher_acc = _accuracy(load_model(mlp_path), load_data(val_path, load_model(mlp_path)))
     assert result.report["fidelity"]["accuracy_compressed"] >= teacher_acc - 0.03
+
+
+# --- torch engine (the [train] extra) ---------------------------------------------------------
+
+def test_torch_graph_matches_onnxruntime(cnn_path, val_path):
+    torch = pytest.importorskip("torch")
+    from onnxcomp.torch_graph import TorchGraph
+
+    for path in (cnn_path, MODELS / "digits_mlp_constants.onnx"):
+        model = load_model(path)
+        data = load_data(val_path, model).head(64)
+        graph = TorchGraph(model, set(model.graph.initializers))
+        with torch.no_grad():
+            got = graph({"input": torch.from_numpy(data.inputs["input"])}, ["logits"])[0].numpy()
+        np.testing.assert_allclose(got, _logits(model, data), atol=1e-4)
+
+
+def test_torch_engine_trains_pruned_cnn_keeping_masks(cnn_path, calib_path, val_path):
+    pytest.importorskip("torch")
+    teacher = load_model(cnn_path)
+    pruned = _prune(teacher, 0.7)
+    val = load_data(val_path, teacher)
+    student = pruned.clone()
+    result = Distill({"engine": "torch", "epochs": 6}, PassContext(calib=load_data(calib_path, teacher),
+                                                                   original=teacher))(student)
+    teacher_acc, pruned_acc, acc = _accuracy(teacher, val), _accuracy(pruned, val), _accuracy(student, val)
+    assert acc - pruned_acc >= 0.5 * (teacher_acc - pruned_acc)
+    info = result.stats.metrics["torch"]
+    assert info["onnxruntime_vs_torch_max_abs"] < 1e-4 and info["masked_initializers"] == 4
+    assert min(info["held_out_loss_by_epoch"]) < info["held_out_loss_by_epoch"][0]
+    for before, after in zip(find_layers(pruned.graph)[0], find_layers(student.graph)[0]):
+        assert np.all(after.weight()[before.weight() == 0] == 0)
+    assert [n.op_type for n in student.graph] == [n.op_type for n in pruned.graph]  # graph unchanged
+
+
+def test_qat_recovers_per_tensor_int8_accuracy(cnn_path, calib_path, val_path):
+    """A case built to lose: 4 channels of the first Conv scaled by 30 (the next Conv divided, so
+    the float model is the same function) dominate the per-tensor weight scale."""
+    pytest.importorskip("torch")
+    from onnxcomp.fusion import fusion_report
+
+    teacher = load_model(cnn_path)
+    calib, val = load_data(calib_path, teacher), load_data(val_path, teacher)
+    floats = compress(teacher, {"passes": ["cleanup"]}, latency_runs=0).model
+    first, second = find_layers(floats.graph)[0][:2]
+    scale = np.ones(first.out_features, np.float32)
+    scale[:4] = 30.0
+    w1, b1, w2 = first.weight(), first.bias(), second.weight()
+    first.set_weight(w1 * scale[:, None, None, None])
+    first.set_bias(b1 * scale)
+    second.set_weight(w2 / scale[None, :, None, None])
+    int8 = compress(floats, {"passes": [{"quantize_static": {"per_channel": False}}]}, calib=calib,
+                    latency_runs=0).model
+    student = int8.clone()
+    Distill({"engine": "torch", "qat": True, "epochs": 8}, PassContext(calib=calib, original=teacher))(student)
+    teacher_acc, int8_acc, qat_acc = _accuracy(teacher, val), _accuracy(int8, val), _accuracy(student, val)
+    assert int8_acc < teacher_acc - 0.01
+    assert qat_acc - int8_acc >= 0.5 * (teacher_acc - int8_acc)
+    assert [n.op_type for n in student.graph] == [n.op_type for n in int8.graph]
+    assert fusion_report(student)["fused_ratio"] == 1.0

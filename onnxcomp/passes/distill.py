@@ -56,7 +56,7 @@ class DistillConfig(PassConfig, NodeSelection):
                                                     "torch: end-to-end training (needs the [train] extra)")
     qat: bool = Field(False, description="torch: train a QDQ student through its fake-quant nodes (STE)")
     epochs: int = Field(20, ge=1, description="torch: passes over the calibration data")
-    lr: float = Field(1e-3, gt=0, description="torch: Adam learning rate")
+    lr: float = Field(3e-3, gt=0, description="torch: Adam learning rate")
     batch_size: int = Field(32, ge=1, description="torch: samples per step")
     seed: int | None = Field(None, ge=0, description="data split / shuffling seed (default: the run's seed)")
     l1: float = Field(0.0, ge=0, description="torch: L1 penalty on the selected weights (for a later prune)")
