@@ -13,6 +13,7 @@ RSS <= 1.5x the model's size. Everything lives in one temporary folder, deleted 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -27,7 +28,8 @@ import onnx
 from onnx import TensorProto, helper
 
 RECIPES = {
-    "quantize_weights": "passes:\n  - quantize_weights: {bits: 4, block_size: 32}\ngate: {min_cosine: 0.9}\n",
+    # no gate: 40 random layers in int4 compound their error (cosine ~0.8); the bench measures memory/time
+    "quantize_weights": "passes:\n  - quantize_weights: {bits: 4, block_size: 32}\n",
     "int8-dynamic": "int8-dynamic",
 }
 
@@ -62,16 +64,19 @@ def main() -> None:
                                             "-o", str(out), "--external-data", "--val", str(work / "val.npz"),
                                             "--latency-runs", "3", "--report", str(work / f"{name}.json")])
             written = sum(p.stat().st_size for p in work.glob(f"out.{name}.onnx*"))
-            rows.append((name, code, seconds, peak, written))
+            report = work / f"{name}.json"
+            cosine = json.loads(report.read_text())["fidelity"]["cosine"] if report.exists() else None
+            rows.append((name, code, seconds, peak, written, cosine))
             print(f"{name}: exit {code}, {seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f}x the "
-                  f"model, output {written / 1e9:.2f} GB" + (f"\n  {err.strip()[-500:]}" if code else ""),
-                  flush=True)
+                  f"model, output {written / 1e9:.2f} GB, cosine {cosine}"
+                  + (f"\n  {err.strip()[-500:]}" if code else ""), flush=True)
             for p in work.glob(f"out.{name}.onnx*"):
                 p.unlink()
-        print("\n| recipe | exit | wall s | peak RSS GB | peak / model size | output GB |")
-        print("|---|---|---|---|---|---|")
-        for name, code, seconds, peak, written in rows:
-            print(f"| {name} | {code} | {seconds:.1f} | {peak / 1e9:.2f} | {peak / size:.2f} | {written / 1e9:.2f} |")
+        print("\n| recipe | exit | wall s | peak RSS GB | peak / model size | output GB | cosine |")
+        print("|---|---|---|---|---|---|---|")
+        for name, code, seconds, peak, written, cosine in rows:
+            print(f"| {name} | {code} | {seconds:.1f} | {peak / 1e9:.2f} | {peak / size:.2f} | {written / 1e9:.2f} "
+                  f"| {cosine if cosine is None else round(cosine, 5)} |")
         print(f"\nmodel: {size / 1e9:.2f} GB; target peak / size <= 1.5")
     finally:
         if not args.keep:

@@ -26,6 +26,7 @@ from onnxcomp.qparams import shrink_search
 
 __all__ = ["BlockQuant", "quantize_rtn", "quantize_gptq", "block_params", "pack_bits", "relative_error"]
 
+_RTN_CHUNK = 1 << 22  # weights quantized at once by quantize_rtn (float64 temporaries of 32 MB each)
 _GPTQ_LAZY_COLUMNS = 128  # columns updated together (a multiple of every allowed block size)
 _SHRINK_GRID = tuple(np.round(np.arange(1.0, 0.49, -0.025), 3))  # range factors tried by search
 
@@ -54,7 +55,14 @@ class BlockQuant:
 def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool, dtype=np.float32, *,
                  search: bool = False) -> BlockQuant:
     """Round-to-nearest block quantization of ``w [N, K]``; scales are stored (and used) in ``dtype``.
-    ``search``: per-block range search (see :func:`block_params`)."""
+    ``search``: per-block range search (see :func:`block_params`). Rows are quantized in chunks of
+    about ``_RTN_CHUNK`` weights (blocks are independent: the same result, bounded temporaries)."""
+    rows = max(1, _RTN_CHUNK // max(w.shape[1], 1))
+    if w.shape[0] > rows:
+        parts = [quantize_rtn(w[i : i + rows], bits, block_size, symmetric, dtype, search=search)
+                 for i in range(0, w.shape[0], rows)]
+        return BlockQuant(np.concatenate([q.codes for q in parts]), np.concatenate([q.scales for q in parts]),
+                          np.concatenate([q.zero_points for q in parts]), bits, block_size, w.shape[1])
     blocks = _pad_blocks(np.asarray(w, np.float64), block_size)
     scale, zp = block_params(blocks, bits, symmetric, dtype, search=search)
     codes = _round(blocks, scale[:, :, None], zp[:, :, None], bits)

@@ -43,6 +43,7 @@ __all__ = [
     "clone_model",
     "model_nbytes",
     "has_external_tensors",
+    "release_external",
     "PROTOBUF_LIMIT",
 ]
 
@@ -73,7 +74,12 @@ def load_model(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Mo
         raise OnnxcompError(f"{path}: not a readable ONNX model ({_short(exc)})") from None
     _check_external_data(proto, path)
     _check_proto(proto, path)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+        ir.serde.serialize_model(model)  # e.g. names that are not UTF-8 only fail here (external data: not read)
+    except Exception as exc:  # noqa: BLE001 - onnx-ir raises several types on malformed protos
+        cause = exc.__cause__ or exc
+        raise OnnxcompError(f"{path}: not a valid ONNX model ({type(cause).__name__}: {_short(cause)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
     if lift_constants:
         LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
@@ -282,6 +288,22 @@ def has_external_tensors(model: ir.Model) -> bool:
     return bool(_external_files(model))
 
 
+def release_external(model: ir.Model) -> None:
+    """Unmap the external data files of ``model``'s tensors (they map again on next use).
+
+    A memory-mapped weight that was read stays resident and counts in the process's memory
+    until it is unmapped; after a step that read every weight (a pass, a save) this keeps a
+    model larger than memory's comfort from being held twice. A tensor whose array is still
+    referenced elsewhere stays mapped.
+    """
+    for graph in _all_graphs(model.graph):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    tensor.release()
+
+
 def model_nbytes(model: ir.Model) -> int:
     """Bytes held by all initializers, main graph and subgraphs."""
     total = 0
@@ -317,7 +339,7 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
     try:
         # with external data the checker must resolve files next to the model, not the cwd
         onnx.checker.check_model(str(path) if external else proto, full_check=False)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, UnicodeDecodeError, ValueError) as exc:
         raise OnnxcompError(f"{path}: invalid ONNX model ({_short(exc)})") from None
 
 

@@ -20,13 +20,21 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset, load_data, synthetic_data
 from onnxcomp.errors import GateFailed, OnnxcompError
 from onnxcomp.graph import opset_version
-from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, input_files, load_model, model_nbytes, save_model
+from onnxcomp.model import (
+    PROTOBUF_LIMIT,
+    has_external_tensors,
+    input_files,
+    load_model,
+    model_nbytes,
+    release_external,
+    save_model,
+)
 from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
 from onnxcomp.runtime import open_session
-from onnxcomp.validate import FidelityCheck, check_data, check_gate, compare, select_target
+from onnxcomp.validate import FidelityCheck, check_data, check_gate, compare, reference_outputs, select_target
 
 __all__ = ["compress", "run_passes", "verify_model", "Result"]
 
@@ -122,7 +130,7 @@ def compress(
         if get_pass(step.name).calibration_needed(step.config) and calib_data is None:
             raise OnnxcompError(f"{recipe.source}: pass '{step.name}' needs calibration data: pass --calib DATA.npz")
 
-    with open_session(original, what="original model"):
+    with open_session(original, what="original model", path=input_path):
         pass  # a model onnxruntime cannot run is the user's input problem, not a pass bug
     working = original.clone()
     context = PassContext(calib=calib_data, seed=seed, batch_size=batch_size, progress=progress,
@@ -130,6 +138,7 @@ def compress(
     for step in recipe.steps:  # files the passes read: checked before any work
         get_pass(step.name).check(step.config, original, context)
     stats = run_passes(working, recipe, context, verify_each=verify_each)
+    release_external(original)  # the passes read the mapped weights: unmap them (shared with working)
     verify_model(working, "the compressed model")
 
     shapes = eval_data.feed_shapes()
@@ -144,14 +153,19 @@ def compress(
     layouts = _data_layouts(calib=calib_data, val=val_data)
     if layouts:
         report["data_layout"] = layouts
+    reference = None
+    if has_external_tensors(original) or model_nbytes(original) >= PROTOBUF_LIMIT:
+        # a large original runs alone (its outputs kept), never beside the compressed model
+        reference = reference_outputs(original, eval_data, batch_size, path=input_path)
     fidelity = compare(original, working, eval_data, batch_size=batch_size,
                        progress=_progress_bar("validating") if progress else None,
-                       output=recipe.gate.output, mask_input=recipe.gate.mask_input)
+                       output=recipe.gate.output, mask_input=recipe.gate.mask_input, reference=reference)
+    del reference
     fidelity["synthetic_inputs"] = data_kind == "synthetic"
     fidelity["data_kind"] = data_kind
     report["fidelity"] = fidelity
     if latency_runs:
-        report["original"]["latency"] = measure_latency(original, eval_data, runs=latency_runs)
+        report["original"]["latency"] = measure_latency(original, eval_data, runs=latency_runs, path=input_path)
         report["compressed"]["latency"] = measure_latency(working, eval_data, runs=latency_runs)
     extra = {"size_ratio": report["compressed"]["size_bytes"] / max(report["original"]["size_bytes"], 1)}
     quant = _fusion_report(working)

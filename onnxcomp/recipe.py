@@ -81,6 +81,8 @@ def load_recipe(recipe: str | os.PathLike | dict) -> Recipe:
         raise OnnxcompError(f"{path}: cannot read recipe ({exc})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise OnnxcompError(f"{path.name}: nested too deeply to be a recipe") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         first = str(exc).replace("\n", " ")[:200]
         raise OnnxcompError(f"{path.name}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
@@ -95,6 +97,8 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         spec = _RecipeFile(**data)
     except ValidationError as exc:
         raise OnnxcompError(_format_error(source, exc)) from None
+    except RecursionError:
+        raise OnnxcompError(f"{source}: nested too deeply to be a recipe") from None
     steps = []
     for index, item in enumerate(spec.passes):
         where = f"{source}: passes[{index}]"

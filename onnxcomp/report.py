@@ -52,6 +52,9 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
         size = weight_bytes
     params = count_params(model)
     nonzero = nonzero_params(model)
+    from onnxcomp.model import release_external
+
+    release_external(model)  # counting read every mapped weight: unmap them
     ops = Counter(
         (node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
@@ -194,10 +197,11 @@ def _as_float_ops(proto: onnx.ModelProto) -> None:
 
 
 def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int = 30,
-                    warmup: int = 5, threads: int = 0) -> dict[str, float]:
-    """Median and p90 milliseconds of one ``batch``-sample run (same options for every model)."""
+                    warmup: int = 5, threads: int = 0, path: str | os.PathLike | None = None) -> dict[str, float]:
+    """Median and p90 milliseconds of one ``batch``-sample run (same options for every model).
+    ``path``: the unchanged file of ``model`` (see :func:`onnxcomp.runtime.open_session`)."""
     feed = next(data.batches(batch)) if not data.fixed_batch else next(data.batches())
-    with open_session(model, session_options(threads=threads)) as session:
+    with open_session(model, session_options(threads=threads), path=path) as session:
         for _ in range(warmup):
             session.run(None, feed)
         times = []

@@ -38,23 +38,30 @@ def session_options(
 
 @contextlib.contextmanager
 def open_session(
-    model: ir.Model, options: ort.SessionOptions | None = None, what: str = "model"
+    model: ir.Model, options: ort.SessionOptions | None = None, what: str = "model", *,
+    path: str | os.PathLike | None = None,
 ) -> Iterator[ort.InferenceSession]:
     """An InferenceSession on the CPU for ``model`` (in memory below 2 GB, else via a temp file).
 
+    ``path``: the file ``model`` was loaded from, unchanged since; a model that would need a
+    temporary file (external data, past 2 GB) is then opened from it directly.
     A model onnxruntime refuses raises OnnxcompError naming ``what``.
     """
-    from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, model_nbytes
+    from onnxcomp.model import PROTOBUF_LIMIT, has_external_tensors, model_nbytes, release_external
 
     options = options or session_options()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-") as tmp:
         try:
             if model_nbytes(model) < PROTOBUF_LIMIT and not has_external_tensors(model):
                 source: bytes | str = ir.serde.serialize_model(model).SerializeToString()
+            elif path is not None:
+                source = os.fspath(path)
             else:
                 source = os.path.join(tmp, "model.onnx")
                 ir.save(model, source, external_data="model.onnx.data")
+                release_external(model)  # the save read every mapped weight: unmap them
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            del source  # the serialized bytes: onnxruntime holds its own copy
         except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/RuntimeError...
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise OnnxcompError(f"onnxruntime cannot load the {what}: {first}") from None

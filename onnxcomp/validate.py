@@ -176,9 +176,11 @@ def compare(
     return result
 
 
-def reference_outputs(model: ir.Model, data: Dataset, batch_size: int = 32) -> list[list[np.ndarray]]:
-    """``model``'s outputs per batch of ``data``, for :func:`compare`'s ``reference``."""
-    with open_session(model, what="original model") as session:
+def reference_outputs(model: ir.Model, data: Dataset, batch_size: int = 32, *,
+                      path: str | None = None) -> list[list[np.ndarray]]:
+    """``model``'s outputs per batch of ``data``, for :func:`compare`'s ``reference``.
+    ``path``: the unchanged file of ``model`` (see :func:`onnxcomp.runtime.open_session`)."""
+    with open_session(model, what="original model", path=path) as session:
         return [list(out) for out in run_batches(session, data.batches(batch_size))]
 
 

@@ -460,3 +460,15 @@ def test_every_shipped_recipe_is_byte_identical_across_processes(tmp_path):
     assert a == b and len(a) == len(shipped_recipes())
     for name in a:
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+
+
+def test_rtn_in_row_chunks_is_the_same_quantization(monkeypatch):
+    """quantize_rtn bounds its temporaries by chunking rows (large models); blocks are independent."""
+    import onnxcomp.blockquant as blockquant
+
+    w = np.random.default_rng(0).standard_normal((300, 100)).astype(np.float32)
+    whole = blockquant.quantize_rtn(w, 4, 32, False, search=True)
+    monkeypatch.setattr(blockquant, "_RTN_CHUNK", 1000)  # 10 rows at a time
+    chunked = blockquant.quantize_rtn(w, 4, 32, False, search=True)
+    for key in ("codes", "scales", "zero_points"):
+        np.testing.assert_array_equal(getattr(whole, key), getattr(chunked, key))

@@ -119,6 +119,7 @@ class QuantizeWeights(CompressionPass):
             stats.touch(f"{target.node.op_type} {target.node.name}: K={target.k} N={target.n} -> MatMulNBits "
                         f"{cfg.bits}-bit/{cfg.block_size}{padded} ({method}), "
                         f"rel. error {errors[target.node.name]:.2e}")
+            target._weight = None
         if targets:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             stats.notes.append("rel. error: " + ("output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
@@ -156,7 +157,7 @@ class QuantizeWeights(CompressionPass):
         if node.attributes.get_int("transA", 0):
             stats.skip(what, "transA=1: MatMulNBits takes A untransposed")
             return None
-        target = _Target(layer, layer.weight().astype(np.float64), array.dtype)
+        target = _Target(layer, array.dtype)
         c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if c is None or node.attributes.get_float("beta", 1.0) == 0.0:
             return target
@@ -226,10 +227,18 @@ class _Target:
     """A MatMul/Gemm to rewrite: its weight as ``[N, K]`` float64, and (Gemm) its bias or C input."""
 
     layer: Layer
-    weight: np.ndarray
     dtype: np.dtype
     bias: np.ndarray | None = None
     add_input: ir.Value | None = None  # a C that must stay a separate Add
+    _weight: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """``[N, K]`` float64, made when first needed and dropped once the layer is rewritten: one
+        layer's float64 copy at a time, never the whole model's (models of several GB)."""
+        if self._weight is None:
+            self._weight = self.layer.weight().astype(np.float64)
+        return self._weight
 
     @property
     def node(self) -> ir.Node:
@@ -241,11 +250,11 @@ class _Target:
 
     @property
     def n(self) -> int:
-        return self.weight.shape[0]
+        return self.layer.shape[0]
 
     @property
     def k(self) -> int:
-        return self.weight.shape[1]
+        return self.layer.shape[1]
 
 
 def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsConfig) -> str | None:
