@@ -42,16 +42,7 @@ def main() -> int:
             outcomes: Counter[str] = Counter()
             deadline = time.monotonic() + share
 
-            @settings(max_examples=400, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(data=st.data())
-            def run(data, cases=cases, target=target, outcomes=outcomes, deadline=deadline):
-                if time.monotonic() > deadline:
-                    return
-                folder = Path(tempfile.mkdtemp(dir=work))
-                case = data.draw(cases if cases is not None else ft.cli_cases(folder, heavy=True))
-                outcomes[target(case, folder)] += 1
-
+            run = _runner(cases, target, outcomes, deadline, work)
             start = time.monotonic()
             try:
                 run()
@@ -63,6 +54,19 @@ def main() -> int:
             for outcome, count in outcomes.most_common():
                 print(f"  {count:6d}  {outcome}")
     return 1 if bugs else 0
+
+
+def _runner(cases, target, outcomes, deadline, work):
+    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        if time.monotonic() > deadline:
+            return
+        folder = Path(tempfile.mkdtemp(dir=work))
+        case = data.draw(cases if cases is not None else ft.cli_cases(folder, heavy=True))
+        outcomes[target(case, folder)] += 1
+
+    return run
 
 
 if __name__ == "__main__":
