@@ -79,6 +79,8 @@ def print_description(info: dict[str, Any]) -> None:
     head.add_row("weight forms", ", ".join(f"{v} {k}" for k, v in info["weight_forms"].items()) or "none")
     if info["external_data"]:
         head.add_row("external data", ", ".join(info["external_data"]))
+    for key, value in info.get("metadata", {}).items():
+        head.add_row(key, value)
     head.add_row("subgraphs", ", ".join(f"{v} {k}" for k, v in info["subgraph_ops"].items()) or "none")
     console.print(head)
     ops = Table(title=f"{info['nodes']} nodes", title_justify="left")

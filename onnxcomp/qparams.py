@@ -1,7 +1,8 @@
 """Integer quantization numerics shared by every family: scale / zero point (:class:`QParams`)
 for activations, weights and biases, the one clip-range search (:func:`shrink_search`, used by
 weight clipping, activation ranges and block quantization), and the CPU check behind
-``reduce_range: auto``. Pure numpy: the graph side lives in the passes.
+``reduce_range: auto`` (decided by the deployment ``target``, never by the CPU running onnxcomp).
+Pure numpy: the graph side lives in the passes.
 
 Conventions (what onnxruntime's CPU kernels expect):
 - weights: symmetric, zero point 0, int8 in [-127, 127] ([-63, 63] with ``reduce_range``),
@@ -32,8 +33,11 @@ __all__ = [
     "shrink_search",
     "saturating_u8s8",
     "is_x86",
+    "TARGETS",
+    "weight_reduce_range",
 ]
 
+TARGETS = ("any", "vnni", "arm64")  # the CPU a quantized model is meant to run on
 ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
 _INT32 = np.iinfo(np.int32)
 
@@ -81,13 +85,22 @@ def activation_params(lo: float, hi: float, dtype: str = "uint8") -> QParams:
     return QParams(np.asarray(scale, np.float32), np.asarray(zero, np_type))
 
 
+def weight_reduce_range(reduce_range: bool | str, target: str = "any") -> bool:
+    """Whether weights are 7-bit: ``reduce_range`` itself, or for "auto" whether ``target`` may be
+    an x86 CPU without VNNI (``any``: yes; ``vnni`` / ``arm64``: no). The machine running
+    onnxcomp plays no part: the same recipe gives the same bytes everywhere."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+    return target == "any" if reduce_range == "auto" else bool(reduce_range)
+
+
 def weight_params(weight: np.ndarray, axis: int | None, *, method: str = "minmax",
-                  reduce_range: bool | str = False) -> tuple[QParams, np.ndarray]:
+                  reduce_range: bool | str = False, target: str = "any") -> tuple[QParams, np.ndarray]:
     """Symmetric int8 parameters (per channel along ``axis``, or per tensor) and the int8 weight.
 
-    ``reduce_range``: 7-bit weights; "auto" = :func:`saturating_u8s8`.
+    ``reduce_range``: 7-bit weights; "auto" = :func:`weight_reduce_range` for ``target``.
     """
-    qmax = 63 if (saturating_u8s8() if reduce_range == "auto" else reduce_range) else 127
+    qmax = 63 if weight_reduce_range(reduce_range, target) else 127
     limit = np.asarray(weight_absmax(weight, axis, method, qmax), np.float64)
     scale = np.where(limit > 0, limit / qmax, 1.0).astype(np.float32)
     params = QParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
@@ -156,7 +169,9 @@ def shrink_search(factors: Iterable[float], evaluate: Callable[[float], tuple[np
 @functools.cache
 def saturating_u8s8() -> bool:
     """True on x86 CPUs without VNNI: ORT's u8s8 kernels there sum u8×s8 pairs in int16
-    (VPMADDUBSW), which saturates once |w| uses the full int8 range; 7-bit weights avoid it."""
+    (VPMADDUBSW), which saturates once |w| uses the full int8 range; 7-bit weights avoid it.
+    About the CPU running this process: used for notes (validation here vs the target), never to
+    choose output bytes."""
     if not is_x86():
         return False
     try:

@@ -68,6 +68,7 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
         "macs": estimate_macs(model, input_shapes),
         "nodes": sum(ops.values()),
         "ops": dict(sorted(ops.items())),
+        "metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("onnxcomp.")},
     }
 
 

@@ -24,10 +24,12 @@ from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, registe
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
+    TARGET_HELP,
     check_opset,
     merge_tool_stats,
     note_reduce_range,
     quantize_embeddings,
+    record_target,
 )
 from onnxcomp.qparams import weight_params
 
@@ -40,6 +42,7 @@ class QuantizeDynamicConfig(PassConfig, NodeSelection):
     per_channel: bool = Field(True, description="one weight scale per output column (else per tensor)")
     weight_method: Literal["minmax", "mse"] = Field(
         "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
+    target: Literal["any", "vnni", "arm64"] = Field("any", description=TARGET_HELP)
     reduce_range: bool | Literal["auto"] = Field("auto", description=REDUCE_RANGE_HELP)
     quantize_embeddings: bool = Field(True, description=EMBEDDINGS_HELP)
     embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
@@ -69,6 +72,8 @@ class QuantizeDynamic(CompressionPass):
             else:
                 stats.touch(what)
         note_reduce_range(self.config, stats)
+        if stats.touched:
+            record_target(model, self.config)
 
 
 def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> list[tuple[str, str | None]]:
@@ -107,7 +112,7 @@ def _dynamic_matmul(graph: ir.Graph, names: Names, layer: Layer, config: Quantiz
     w = layer.weight().T  # [K, N]
     bias = layer.bias() if node.op_type == "Gemm" else None
     wp, wq = weight_params(w.astype(np.float32), 1 if config.per_channel else None,
-                           method=config.weight_method, reduce_range=config.reduce_range)
+                           method=config.weight_method, reduce_range=config.reduce_range, target=config.target)
     w_q = add_initializer(graph, names, f"{base}_weight_quantized", wq)
     w_scale = add_initializer(graph, names, f"{base}_weight_scale", wp.scale)
     w_zero = add_initializer(graph, names, f"{base}_weight_zero_point", wp.zero_point)

@@ -86,7 +86,7 @@ def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params
     weight = node.inputs[1]
     array = weight.const_value.numpy()
     wp, wq = weight_params(array, _weight_axis(node, array, options.per_channel),
-                           method=options.weight_method, reduce_range=options.reduce_range)
+                           method=options.weight_method, reduce_range=options.reduce_range, target=options.target)
     node.replace_input_with(1, dequantized_constant(graph, names, weight.name, wq, wp, node))
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None:

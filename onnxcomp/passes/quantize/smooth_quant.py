@@ -64,6 +64,9 @@ class SmoothQuantConfig(PassConfig, NodeSelection):
     clone_norm: bool = Field(True, description="clone a LayerNorm whose output also feeds non-MatMuls "
                                                "(e.g. a residual Add) rather than insert a Mul")
     sample_rows: int = Field(512, ge=16, description="alpha='auto': calibration rows kept per input X")
+    target: Literal["any", "vnni", "arm64"] = Field(
+        "any", description="alpha='auto': the int8 CPU the simulation assumes (any: 7-bit weights, as "
+                           "quantize_static's reduce_range auto; inside quantize_static its target is used)")
 
 
 @register
@@ -118,7 +121,7 @@ def smooth_quant_model(model: ir.Model, calib: Dataset, config: SmoothQuantConfi
         if alpha == "auto":
             info["alpha"], s, info["int8_error_before"], info["int8_error_after"] = _choose_alpha(
                 samples[plan.x.name].value, lo, hi, [c.matrix(edits) for c in plan.consumers], w_max,
-                min_scale, max_scale)
+                min_scale, max_scale, cfg.target)
             if s is None:
                 for c in plan.consumers:
                     stats.skip(c.label, "alpha=auto: no α lowers the simulated int8 error")
@@ -246,7 +249,7 @@ def _absorber(x: ir.Value) -> LinearLayer | NormLayer | ConstMul | str:
 
 
 def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: list[np.ndarray],
-                  w_max: np.ndarray, min_scale: float, max_scale: float) -> tuple:
+                  w_max: np.ndarray, min_scale: float, max_scale: float, target: str = "any") -> tuple:
     """(α, s, error without smoothing, error with s) for the α of AUTO_ALPHAS with the least
     simulated int8 error on ``sample``; s is None when none beats no smoothing."""
     x = np.asarray(sample, np.float64)
@@ -259,7 +262,7 @@ def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: 
         xq = params.fake_quant(x / s)
         total = 0.0
         for w, ref in zip(matrices, refs):
-            wp, wq = weight_params(w * s[:, None], 1, reduce_range="auto")
+            wp, wq = weight_params(w * s[:, None], 1, reduce_range="auto", target=target)
             total += float(np.sum((xq @ wp.dequantize(wq) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
         return total / len(matrices)
 

@@ -27,10 +27,12 @@ from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
+    TARGET_HELP,
     check_opset,
     merge_tool_stats,
     note_reduce_range,
     quantize_embeddings,
+    record_target,
 )
 from onnxcomp.passes.quantize.plan import (
     StaticPlan,
@@ -68,6 +70,7 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
         "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description=_ACTIVATION_TYPE_HELP)
+    target: Literal["any", "vnni", "arm64"] = Field("any", description=TARGET_HELP)
     reduce_range: bool | Literal["auto"] = Field("auto", description=REDUCE_RANGE_HELP)
     max_range: float = Field(1e4, gt=0, description="activations whose range reaches beyond ±max_range (attention "
                                                     "masks, -inf sentinels) stay float with the nodes touching them")
@@ -140,7 +143,8 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
     if config.equalize is not None:
         tools.append(equalize_model(model, config.equalize, stats=PassStats("equalize")))
     if config.smooth_quant is not None:
-        tools.append(smooth_quant_model(model, data, config.smooth_quant, batch_size=batch_size, seed=seed,
+        smooth = config.smooth_quant.model_copy(update={"target": config.target})
+        tools.append(smooth_quant_model(model, data, smooth, batch_size=batch_size, seed=seed,
                                         stats=PassStats("smooth_quant")))
     _name_nodes(model)
     keep = {n.name: "inserted by smooth_quant: stays float, its output is quantized"
@@ -244,6 +248,8 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
         stats.notes.append("float ops reading dequantized tensors (no int8 CPU kernel, or excluded): " +
                            ", ".join(f"{op} x{n}" for op, n in sorted(boundary.items())))
     note_reduce_range(cfg, stats)
+    if stats.touched:
+        record_target(model, cfg)
     shared_q = sum(1 for n in model.graph if n.op_type == "QuantizeLinear" and len(n.outputs[0].consumers()) > 1)
     if cfg.activation_type == "int8" and shared_q and is_x86():
         stats.notes.append(f"int8 activations: {shared_q} QuantizeLinear nodes have several consumers; ORT on "
