@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe a model: ops, params, sizes, opsets, inputs")
     inspect.add_argument("model")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument("--data", help="count MACs at this data's input shapes (.npz, as `run --val` does); "
+                                        "default: dynamic non-batch dims (sequence lengths) = 8, as run without data")
     inspect.set_defaults(func=_cmd_inspect)
 
     validate = sub.add_parser("validate", help="compare two models on the same data (exit 3: NaN/Inf outputs)")
@@ -167,7 +169,7 @@ def _cmd_inspect(args) -> int:
 
     from onnxcomp.describe import describe, print_description
 
-    info = describe(args.model)
+    info = describe(args.model, args.data)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from onnxcomp.errors import OnnxcompError
 
-__all__ = ["Dataset", "InputSpec", "load_data", "resolve_layouts", "check_values", "check_label_range", "model_inputs", "synthetic_data"]
+__all__ = ["Dataset", "InputSpec", "load_data", "resolve_layouts", "check_values", "check_label_range", "model_inputs", "synthetic_data",
+           "SYNTHETIC_DIM"]
 
 LABEL_KEY = "label"
 
@@ -220,14 +221,18 @@ def _class_ids(labels: np.ndarray, n: int, src: str) -> np.ndarray:
     return labels
 
 
+SYNTHETIC_DIM = 8  # a dynamic non-batch dim (a sequence length) when no data says otherwise
+
+
 def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
-    """Seeded random inputs of the model's shapes (dynamic dims: 1 for batch-like, else 8)."""
+    """Seeded random inputs of the model's shapes (dynamic dims: ``n`` samples on axis 0, else
+    :data:`SYNTHETIC_DIM`)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in model_inputs(model):
         if spec.dims is None:
             raise OnnxcompError(f"input '{spec.name}' has no shape: pass --val DATA.npz")
-        dims = [n] + [d if isinstance(d, int) else 8 for d in spec.dims[1:]] if spec.dims else []
+        dims = [n] + [d if isinstance(d, int) else SYNTHETIC_DIM for d in spec.dims[1:]] if spec.dims else []
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer):

@@ -11,13 +11,16 @@ import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
 from onnxcomp.model import load_model
-from onnxcomp.report import model_summary
+from onnxcomp.report import mac_shapes_text, model_summary
 
 __all__ = ["describe", "print_description"]
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Ops, parameters, sizes, opsets, inputs/outputs, weight forms, subgraphs, custom domains."""
+def describe(path: str | os.PathLike, data: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Ops, parameters, sizes, opsets, inputs/outputs, weight forms, subgraphs, custom domains.
+
+    MACs are per sample at the dynamic dims of ``data``'s first feed (as ``onnxcomp run`` counts
+    them with that data), else at the rule of :func:`onnxcomp.report.mac_input_shapes`."""
     raw = load_model(path, lift_constants=False)
     forms = Counter()
     for graph in (raw.graph, *raw.graph.subgraphs()):
@@ -28,7 +31,12 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
             forms["Constant nodes"] += 1
     model = load_model(path)
-    summary = model_summary(model, path)
+    shapes = None
+    if data is not None:
+        from onnxcomp.data import load_data
+
+        shapes = load_data(data, model, allow_nonfinite=True).feed_shapes()
+    summary = model_summary(model, path, shapes)
     subgraphs = Counter(
         node.op_type
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
@@ -75,7 +83,8 @@ def print_description(info: dict[str, Any]) -> None:
         head.add_row(f"output {spec['name']}", f"{spec['dtype']} {spec['shape']}")
     head.add_row("size", f"{info['size_bytes']:,} bytes (weights {info['weight_bytes']:,})")
     head.add_row("parameters", f"{info['params']:,} ({info['nonzero_params']:,} nonzero)")
-    head.add_row("MACs / sample", f"{info['macs']:,}" if info["macs"] is not None else "unknown")
+    head.add_row("MACs / sample", (f"{info['macs']:,}" if info["macs"] is not None else "unknown")
+                 + f" at {mac_shapes_text(info.get('macs_input_shapes', {}))}")
     head.add_row("weight forms", ", ".join(f"{v} {k}" for k, v in info["weight_forms"].items()) or "none")
     if info["external_data"]:
         head.add_row("external data", ", ".join(info["external_data"]))

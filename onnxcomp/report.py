@@ -26,6 +26,8 @@ __all__ = [
     "count_params",
     "model_summary",
     "estimate_macs",
+    "mac_input_shapes",
+    "mac_shapes_text",
     "measure_latency",
     "print_summary",
     "write_json",
@@ -34,6 +36,7 @@ __all__ = [
 _MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "MatMul", "Gemm", "MatMulInteger",
             "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
             "MatMulNBits", "ConvTranspose", "FusedConv", "FusedMatMul"}
+_ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention"}  # com.microsoft fused attention
 
 
 def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
@@ -66,33 +69,67 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
         "nonzero_params": nonzero,
         "sparsity": round(1 - nonzero / params, 6) if params else 0.0,
         "macs": estimate_macs(model, input_shapes),
+        "macs_input_shapes": mac_input_shapes(model, input_shapes),
         "nodes": sum(ops.values()),
         "ops": dict(sorted(ops.items())),
         "metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("onnxcomp.")},
     }
 
 
-def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int | None:
-    """Multiply-accumulates of one sample through Conv/MatMul/Gemm-like ops (None if shapes unknown).
+def mac_input_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, list]:
+    """The input shapes MACs are counted at: one sample (a dynamic axis 0 is 1); other dynamic
+    dims from ``input_shapes`` (the data's first feed) when given, else
+    :data:`onnxcomp.data.SYNTHETIC_DIM` — the same rule ``onnxcomp run`` uses without data, so
+    ``inspect`` and ``run`` agree on the same inputs."""
+    from onnxcomp.data import SYNTHETIC_DIM, model_inputs
 
-    Dynamic input dims are taken from ``input_shapes`` when given, else batch 1 and 1
-    for other dynamic axes. Shapes come from ONNX shape inference; where it leaves MAC ops
+    shapes = {}
+    for spec in model_inputs(model):
+        if spec.dims is None:
+            continue
+        given = (input_shapes or {}).get(spec.name)
+        dims = []
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(1)
+            elif given is not None and len(given) == len(spec.dims):
+                dims.append(int(given[axis]))
+            else:
+                dims.append(SYNTHETIC_DIM)
+        shapes[spec.name] = dims
+    return shapes
+
+
+def mac_shapes_text(shapes: dict[str, list]) -> str:
+    """'input_ids [1, 128], attention_mask [1, 128]' (what a MAC count assumed)."""
+    return ", ".join(f"{name} {dims}" for name, dims in shapes.items()) or "no inputs"
+
+
+def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int | None:
+    """Multiply-accumulates of one sample through Conv/MatMul/Gemm-like ops and fused attention
+    (None if shapes unknown), at the input shapes of :func:`mac_input_shapes`.
+
+    Shapes come from ONNX shape inference; where it leaves MAC ops
     without shapes (Slice on computed bounds in exported BERTs, com.microsoft fused ops),
     from onnxruntime's symbolic shape inference when it is available (it needs sympy).
-    Block-quantized MatMulNBits counts like the float MatMul it replaces.
+    Block-quantized MatMulNBits counts like the float MatMul it replaces; Attention /
+    MultiHeadAttention count their projections and the two attention products, as the
+    unfused MatMuls do.
     """
     from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
 
     if model_nbytes(model) >= PROTOBUF_LIMIT:
         return None
+    concrete = mac_input_shapes(model, input_shapes)
     proto = ir.serde.serialize_model(model)
     _as_float_ops(proto)
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
-        given = (input_shapes or {}).get(inp.name)
         for axis, dim in enumerate(dims):
-            if not dim.HasField("dim_value"):
-                dim.dim_value = 1 if given is None or axis == 0 else int(given[axis])
+            if not dim.HasField("dim_value") and inp.name in concrete:
+                dim.dim_value = concrete[inp.name][axis]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # shape inference fails on some custom ops: no estimate then
@@ -139,6 +176,13 @@ def _count_macs(inferred: onnx.ModelProto) -> tuple[int, int]:
         shapes[init.name] = tuple(init.dims)
     total = unknown = 0
     for node in inferred.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in _ATTENTION_OPS:
+            macs = _attention_macs(node, shapes)
+            if macs is None:
+                unknown += 1
+            else:
+                total += macs
+            continue
         if node.op_type not in _MAC_OPS:
             continue
         out = shapes.get(node.output[0])
@@ -161,6 +205,39 @@ def _count_macs(inferred: onnx.ModelProto) -> tuple[int, int]:
                 k = a[0] if trans_a else a[-1]
             total += int(np.prod(out)) * int(k)
     return total, unknown
+
+
+def _attention_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """MACs of a com.microsoft Attention / QAttention (input projection + Q·Kᵀ + P·V) or
+    MultiHeadAttention (Q·Kᵀ + P·V; its projections are separate MatMuls); past/present state
+    is not counted. None when the shapes it needs are unknown."""
+    def shape(index: int) -> tuple[int, ...] | None:
+        return shapes.get(node.input[index]) if len(node.input) > index and node.input[index] else None
+
+    if node.op_type in ("Attention", "QAttention"):
+        x, w = shape(0), shape(1)
+        if x is None or w is None or len(x) != 3 or len(w) != 2:
+            return None
+        batch, seq, _ = x
+        sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+        q_size, _, v_size = sizes if sizes and len(sizes) == 3 else (w[1] // 3,) * 3
+        return batch * seq * w[0] * w[1] + batch * seq * seq * (q_size + v_size)
+    q, k, v = shape(0), shape(1), shape(2)
+    if q is None:
+        return None
+    if len(q) == 5:  # packed QKV [batch, seq, heads, 3, head_size]
+        batch, seq, heads, _, head = q
+        return 2 * batch * seq * seq * heads * head
+    if len(q) != 3:
+        return None
+    batch, seq, q_size = q
+    if k is None:
+        return None
+    kv_len = k[1] if len(k) == 3 else k[2] if len(k) == 4 else None  # [B, L, H] or [B, N, L, head]
+    if kv_len is None:
+        return None
+    v_size = (v[2] if len(v) == 3 else v[1] * v[3]) if v is not None and len(v) in (3, 4) else q_size
+    return batch * seq * kv_len * (q_size + v_size)
 
 
 def _as_float_ops(proto: onnx.ModelProto) -> None:
@@ -287,6 +364,8 @@ def print_summary(report: dict[str, Any], console=None) -> None:
     row("parameters", orig["params"], new["params"])
     row("nonzero parameters", orig["nonzero_params"], new["nonzero_params"])
     row("MACs / sample", orig["macs"], new["macs"])
+    if orig.get("macs_input_shapes"):
+        table.add_row(f"  MACs counted at {mac_shapes_text(orig['macs_input_shapes'])}", "", "", "")
     row("nodes", orig["nodes"], new["nodes"])
     lat_o, lat_n = orig.get("latency"), new.get("latency")
     if lat_o and lat_n:
