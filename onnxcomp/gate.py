@@ -31,6 +31,8 @@ class Gate(BaseModel):
     max_kl: float | None = Field(None, ge=0)
     min_fused_ratio: float | None = Field(None, ge=0, le=1, description="int8 kernels / quantized nodes")
     max_size_ratio: float | None = Field(None, gt=0)
+    max_latency_ratio: float | None = Field(None, gt=0, description="compressed / original median latency on "
+                                            "the CPU running the check (not checked with latency_runs 0)")
     output: str | None = Field(None, min_length=1, description="model output the headline metrics use "
                                "(default: the first output)")
     mask_input: str | None = Field(None, min_length=1, description="model input whose 0 entries mark padding "

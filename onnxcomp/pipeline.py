@@ -34,7 +34,15 @@ from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
 from onnxcomp.runtime import open_session
-from onnxcomp.validate import FidelityCheck, check_data, check_gate, compare, reference_outputs, select_target
+from onnxcomp.validate import (
+    FidelityCheck,
+    check_data,
+    check_gate,
+    compare,
+    reference_outputs,
+    select_target,
+    slower_note,
+)
 
 __all__ = ["compress", "run_passes", "verify_model", "Result"]
 
@@ -168,6 +176,12 @@ def compress(
         report["original"]["latency"] = measure_latency(original, eval_data, runs=latency_runs, path=input_path)
         report["compressed"]["latency"] = measure_latency(working, eval_data, runs=latency_runs)
     extra = {"size_ratio": report["compressed"]["size_bytes"] / max(report["original"]["size_bytes"], 1)}
+    if latency_runs and report["original"]["latency"]["median_ms"] > 0:
+        extra["latency_ratio"] = report["compressed"]["latency"]["median_ms"] / report["original"]["latency"]["median_ms"]
+        report["latency_ratio"] = round(extra["latency_ratio"], 4)
+        note = slower_note(extra["latency_ratio"], report["compressed"])
+        if note:
+            report["latency_note"] = note
     quant = _fusion_report(working)
     if quant is not None:
         report["quantization"] = quant

@@ -371,6 +371,8 @@ def print_summary(report: dict[str, Any], console=None) -> None:
     if lat_o and lat_n:
         row(f"latency median ms (batch {lat_o['batch']})", lat_o["median_ms"], lat_n["median_ms"], "{:.3f}")
     console.print(table)
+    if report.get("latency_note"):
+        console.print(f"[yellow]{report['latency_note']}[/yellow]", soft_wrap=True, highlight=False)
 
     fid = report.get("fidelity")
     if fid:

@@ -27,7 +27,7 @@ from onnxcomp.gate import FIDELITY_KEYS, Gate
 from onnxcomp.runtime import open_session, run_batches
 
 __all__ = ["Gate", "FidelityCheck", "compare", "reference_outputs", "check_gate", "check_data", "select_target",
-           "Target", "AUTO_MASK"]
+           "Target", "AUTO_MASK", "slower_note"]
 
 AUTO_MASK = "auto"
 
@@ -191,7 +191,7 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     A threshold whose metric does not exist for this run (accuracy without labels,
     fused ratio without quantized nodes) is listed as unchecked, not failed. Non-finite
     compressed outputs where the original's are finite always fail, thresholds or not.
-    ``extra`` carries fused_ratio and size_ratio.
+    ``extra`` carries fused_ratio, size_ratio and latency_ratio (None when latency was not measured).
     """
     failures: list[str] = []
     unchecked: list[str] = []
@@ -230,7 +230,49 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     size = extra.get("size_ratio")
     need("max_size_ratio", size, gate.max_size_ratio,
          size is not None and gate.max_size_ratio is not None and size <= gate.max_size_ratio, "")
+    latency = extra.get("latency_ratio")
+    need("max_latency_ratio", latency, gate.max_latency_ratio,
+         latency is not None and gate.max_latency_ratio is not None and latency <= gate.max_latency_ratio,
+         "latency not measured (latency_runs 0)")
     return failures, unchecked
+
+
+_INT8_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QLinearConv", "QGemm",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+_TINY_MACS = 5_000_000  # per sample: below this, per-op overheads (quantize/dequantize, launches) dominate
+
+
+def slower_note(ratio: float | None, compressed: dict[str, Any], *, saturating: bool | None = None) -> str | None:
+    """One line when the compressed model ran slower than the original on this CPU (``ratio`` =
+    compressed / original median latency > 1): the likely cause and what to try instead.
+    ``compressed``: its model summary (ops, macs). ``saturating``: this CPU is x86 without VNNI
+    (default: asked)."""
+    if ratio is None or not ratio > 1.0:
+        return None
+    if saturating is None:
+        from onnxcomp.qparams import saturating_u8s8
+
+        saturating = saturating_u8s8()
+    ops = {op.split(".")[-1] for op in compressed.get("ops", {})}
+    causes, tries = [], []
+    if ops & set(_INT8_OPS):
+        if saturating:
+            causes.append("this CPU is x86 without VNNI, where onnxruntime's int8 kernels are barely faster than fp32")
+            tries.append("deploy on a VNNI / ARM CPU (quantize_static target: vnni | arm64)")
+        macs = compressed.get("macs")
+        if macs is not None and macs < _TINY_MACS:
+            causes.append(f"the layers are tiny ({macs:,} MACs per sample): quantize/dequantize overhead dominates")
+        tries.append("the int8-dynamic recipe or fewer quantized nodes (exclude / min_params)")
+    if "MatMulNBits" in ops:
+        causes.append("weight-only int4/int8 (MatMulNBits) dequantizes its weights on every run: it saves size, "
+                      "not time, on this CPU")
+        tries.append("int8-dynamic for speed")
+    if not causes:
+        causes.append("the rewritten graph has more or slower ops than the original here, or the measurement is "
+                      "noisy (a shared machine)")
+    tries.append("the gate key max_latency_ratio to refuse such results")
+    return (f"the compressed model is {ratio:.2f}x the original's latency on this CPU (slower): likely "
+            + "; ".join(causes) + ". Try: " + "; ".join(tries) + ".")
 
 
 class _Accumulator:
