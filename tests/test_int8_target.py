@@ -61,3 +61,4 @@ def test_explicit_reduce_range_wins_over_target():
     assert np.abs(qparams.weight_params(w, 1, reduce_range=False, target="any")[1]).max() == 127
     with pytest.raises(ValueError):
         qparams.weight_reduce_range("auto", "x86")
+

@@ -260,3 +260,13 @@ def test_int4_weights_recipe_through_the_pipeline(mlp_path, calib_path, val_path
     assert result.report["fidelity"]["accuracy_drop"] <= RTN_MAX_ACCURACY_DROP
     assert result.report["compressed"]["size_bytes"] < 0.3 * result.report["original"]["size_bytes"]
     assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 3
+
+
+def test_gptq_weights_need_calib_before_any_work(mlp_path):
+    from onnxcomp.errors import OnnxcompError
+    from onnxcomp.pipeline import compress as onnxcomp_compress
+
+    recipe = {"passes": [{"quantize_weights": {"method": "gptq"}}]}
+    with pytest.raises(OnnxcompError, match="needs calibration data"):
+        onnxcomp_compress(mlp_path, recipe, latency_runs=0)
+    onnxcomp_compress(mlp_path, {"passes": [{"quantize_weights": {"method": "rtn"}}]}, latency_runs=0)  # RTN: no data needed

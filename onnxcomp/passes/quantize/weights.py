@@ -91,7 +91,11 @@ class QuantizeWeights(CompressionPass):
     name = "quantize_weights"
     summary = "weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ; optional embeddings"
     Config = QuantizeWeightsConfig
-    needs_calibration = False  # only method gptq needs it: checked in run()
+    needs_calibration = False  # only method gptq needs it (calibration_needed): checked before any work
+
+    @classmethod
+    def calibration_needed(cls, config: PassConfig) -> bool:
+        return getattr(config, "method", "rtn") == "gptq"
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         cfg: QuantizeWeightsConfig = self.config
