@@ -52,6 +52,11 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 _PATH_MAX = 4096  # Linux PATH_MAX (bytes, with the terminating NUL)
 _NAME_MAX = 255  # bytes in one path component
 _TMP_EXTRA = 32  # room for the hidden temporary directory of an atomic write
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT8: 1,
+             onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1, onnx.TensorProto.UINT32: 4,
+             onnx.TensorProto.UINT64: 8}  # raw bytes per element (sub-byte types not checked)
 _DIGEST_CHARS = 12  # hex digits of the weights digest in external data file names
 
 
@@ -334,6 +339,14 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: opset {opset.version} is newer than onnxruntime supports "
                 f"(max {max_opset})"
             )
+    for tensor in external_data_helper._get_all_tensors(proto):  # declared shape vs the bytes held
+        if tensor.HasField("raw_data") and tensor.data_type in _ITEMSIZE:
+            want = _ITEMSIZE[tensor.data_type]
+            for dim in tensor.dims:
+                want *= dim
+            if any(d < 0 for d in tensor.dims) or want != len(tensor.raw_data):
+                raise OnnxcompError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
+                                    f"but holds {len(tensor.raw_data)} bytes")
     external = any(external_data_helper.uses_external_data(t)
                    for t in external_data_helper._get_all_tensors(proto))
     try:
