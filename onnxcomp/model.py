@@ -363,7 +363,10 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     for tensor in external_data_helper._get_all_tensors(proto):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
+        try:
+            info = external_data_helper.ExternalDataInfo(tensor)
+        except ValueError as exc:  # negative offset / length, a non-number
+            raise OnnxcompError(f"{path}: tensor '{tensor.name}' has invalid external data ({_short(exc)})") from None
         location = info.location
         if not location or os.path.isabs(location) or Path(location).drive:
             raise OnnxcompError(
