@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxcomp.errors import OnnxcompError
 
@@ -195,7 +195,6 @@ data_cases = st.one_of(
 def data_target(case, folder: Path) -> str:
     """Write the case as an .npz (or bytes, or an .npy) and load it for the MLP; check the labels."""
     from onnxcomp.data import load_data
-    from onnxcomp.model import load_model
     from onnxcomp.validate import check_data, select_target
 
     path = folder / "d.npz"

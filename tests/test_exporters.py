@@ -4,7 +4,6 @@ weights shared between nodes. Each test is a small graph reproducing a failure s
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
@@ -15,7 +14,6 @@ import onnxcomp
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.pipeline import weight_bytes
-from onnxcomp.recipe import load_recipe
 
 from .conftest import DIGITS, ROOT
 

@@ -16,7 +16,6 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.pipeline import compress
 from onnxcomp.qparams import activation_params, weight_params
