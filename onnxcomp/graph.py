@@ -29,6 +29,7 @@ __all__ = [
     "STANDARD_DOMAINS",
     "is_standard",
     "constant_array",
+    "release_mapped",
     "Names",
     "add_initializer",
     "insert_at_producer",
@@ -64,6 +65,21 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
             return attr.as_tensor().numpy()
     return None
+
+
+def release_mapped(value: ir.Value | None) -> None:
+    """Unmap ``value``'s weight if it is memory-mapped external data (it maps again on next read).
+
+    A pass calls it after its last read of a large weight, so a model bigger than memory's comfort
+    is not held resident while the rest of the pass runs. A no-op for in-memory tensors, and while
+    an array of the mapping is still referenced elsewhere.
+    """
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
 
 
 class Names:

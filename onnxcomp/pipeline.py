@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
 from onnxcomp.report import measure_latency, model_summary
-from onnxcomp.runtime import open_session
+from onnxcomp.runtime import IN_MEMORY_LIMIT, open_session, session_options
 from onnxcomp.validate import (
     FidelityCheck,
     check_data,
@@ -138,7 +139,7 @@ def compress(
         if get_pass(step.name).calibration_needed(step.config) and calib_data is None:
             raise OnnxcompError(f"{recipe.source}: pass '{step.name}' needs calibration data: pass --calib DATA.npz")
 
-    with open_session(original, what="original model", path=input_path):
+    with open_session(original, session_options(prepack=False), what="original model", path=input_path):
         pass  # a model onnxruntime cannot run is the user's input problem, not a pass bug
     working = original.clone()
     context = PassContext(calib=calib_data, seed=seed, batch_size=batch_size, progress=progress,
@@ -247,18 +248,35 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 def verify_model(model: ir.Model, what: str) -> None:
-    """The ONNX checker and onnxruntime both accept ``model``; else a bug in a pass."""
-    if model_nbytes(model) < PROTOBUF_LIMIT and not has_external_tensors(model):
+    """The ONNX checker and onnxruntime both accept ``model``; else a bug in a pass.
+
+    A large model is checked from a temporary file (external data, mapped weights released after
+    the write), never as one protobuf in memory; the session keeps no packed weights (nothing runs).
+    """
+    options = session_options(prepack=False)
+    if model_nbytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
         proto = ir.serde.serialize_model(model)
+        _check(lambda: onnx.checker.check_model(proto, full_check=False), what)
+        del proto
+        path = None
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-verify-") as tmp:
+        if model_nbytes(model) >= IN_MEMORY_LIMIT or has_external_tensors(model):
+            path = os.path.join(tmp, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data")
+            release_external(model)  # the save read every mapped weight: unmap them
+            _check(lambda: onnx.checker.check_model(path, full_check=False), what)
         try:
-            onnx.checker.check_model(proto, full_check=False)
-        except onnx.checker.ValidationError as exc:
-            raise RuntimeError(f"{what} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+            with open_session(model, options, what=what, path=path):
+                pass
+        except OnnxcompError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+
+def _check(checker, what: str) -> None:
     try:
-        with open_session(model, what=what):
-            pass
-    except OnnxcompError as exc:
-        raise RuntimeError(str(exc)) from exc
+        checker()
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"{what} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
 
 
 def _fusion_report(model: ir.Model) -> dict[str, Any] | None:

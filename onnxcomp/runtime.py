@@ -14,13 +14,22 @@ import onnxruntime as ort
 
 from onnxcomp.errors import OnnxcompError
 
-__all__ = ["session_options", "open_session", "run_batches", "optimized_graph"]
+__all__ = ["session_options", "open_session", "run_batches", "optimized_graph", "IN_MEMORY_LIMIT"]
+
+# Above this many weight bytes a model reaches onnxruntime through a temporary file with external
+# data (written tensor by tensor, mapped by onnxruntime) instead of serialized bytes: the bytes,
+# the protobuf they come from and onnxruntime's copy would each hold the whole model at once.
+IN_MEMORY_LIMIT = 256 * 2**20
 
 
 def session_options(
-    *, threads: int = 0, level: str = "all", optimized_path: str | None = None
+    *, threads: int = 0, level: str = "all", optimized_path: str | None = None, prepack: bool = True
 ) -> ort.SessionOptions:
-    """Options every onnxcomp session uses, so latencies are comparable."""
+    """Options every onnxcomp session uses, so latencies are comparable.
+
+    ``prepack=False`` for a session that only proves the model loads: onnxruntime then keeps no
+    packed copy of the weights (and leaves mapped external data unread).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -33,6 +42,8 @@ def session_options(
     }[level]
     if optimized_path:
         options.optimized_model_filepath = optimized_path
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -41,7 +52,7 @@ def open_session(
     model: ir.Model, options: ort.SessionOptions | None = None, what: str = "model", *,
     path: str | os.PathLike | None = None,
 ) -> Iterator[ort.InferenceSession]:
-    """An InferenceSession on the CPU for ``model`` (in memory below 2 GB, else via a temp file).
+    """An InferenceSession on the CPU for ``model`` (in memory below IN_MEMORY_LIMIT, else via a temp file).
 
     ``path``: the file ``model`` was loaded from, unchanged since; a model that would need a
     temporary file (external data, past 2 GB) is then opened from it directly.
@@ -52,7 +63,7 @@ def open_session(
     options = options or session_options()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-") as tmp:
         try:
-            if model_nbytes(model) < PROTOBUF_LIMIT and not has_external_tensors(model):
+            if model_nbytes(model) < min(IN_MEMORY_LIMIT, PROTOBUF_LIMIT) and not has_external_tensors(model):
                 source: bytes | str = ir.serde.serialize_model(model).SerializeToString()
             elif path is not None:
                 source = os.fspath(path)

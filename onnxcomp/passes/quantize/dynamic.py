@@ -19,6 +19,7 @@ from onnxcomp.graph import (
     add_initializer,
     is_standard,
     label,
+    release_mapped,
 )
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.quantize.int8_common import (
@@ -113,6 +114,8 @@ def _dynamic_matmul(graph: ir.Graph, names: Names, layer: Layer, config: Quantiz
     bias = layer.bias() if node.op_type == "Gemm" else None
     wp, wq = weight_params(w.astype(np.float32), 1 if config.per_channel else None,
                            method=config.weight_method, reduce_range=config.reduce_range, target=config.target)
+    del w
+    release_mapped(layer.weight_value)
     w_q = add_initializer(graph, names, f"{base}_weight_quantized", wq)
     w_scale = add_initializer(graph, names, f"{base}_weight_scale", wp.scale)
     w_zero = add_initializer(graph, names, f"{base}_weight_zero_point", wp.zero_point)
