@@ -82,7 +82,6 @@ VARIANTS = {
     "ours_minmax": dict(who="ours", what="quantize_static minmax", recipe=static("minmax")),
     "ours_percentile": dict(who="ours", what="quantize_static percentile 99.999 (recipe int8)",
                             recipe=static("percentile")),
-    "ours_entropy": dict(who="ours", what="quantize_static entropy", recipe=static("entropy")),
     "ours_mse": dict(who="ours", what="quantize_static mse", recipe=static("mse")),
     "ours_transformer_int8": dict(who="ours", models=("minilm",), recipe="transformer-int8",
                                   what="shipped recipe transformer-int8: cleanup, fuse_transformer "

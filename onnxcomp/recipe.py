@@ -139,6 +139,7 @@ _MESSAGES = {
     "missing": "required option is missing",
     "literal_error": "must be one of {expected}",
     "too_short": "must not be empty",
+    "value_error": "{error}",
 }
 
 

@@ -7,14 +7,7 @@ import pytest
 
 from onnxcomp.calibrate import Gram, Histogram, MinMax
 from onnxcomp.qparams import weight_absmax
-from onnxcomp.ranges import (
-    _clipped_kl_many,
-    _one_sided_counts,
-    entropy_range,
-    mse_range,
-    percentile_range,
-    tensor_range,
-)
+from onnxcomp.ranges import mse_range, percentile_range, tensor_range
 
 
 def _histogram(values: np.ndarray, bins: int = 2048, batches: int = 8) -> Histogram:
@@ -46,7 +39,7 @@ def test_minmax_is_exact(heavy_tailed):
     assert (hist.min, hist.max) == (pytest.approx(heavy_tailed.min()), pytest.approx(heavy_tailed.max()))
     reducer = MinMax()
     reducer.update(heavy_tailed)
-    assert tensor_range(reducer, "entropy") == (heavy_tailed.min(), heavy_tailed.max())  # MinMax: min-max
+    assert tensor_range(reducer, "mse") == (heavy_tailed.min(), heavy_tailed.max())  # MinMax: min-max
 
 
 def test_percentile_of_a_uniform_histogram():
@@ -63,22 +56,21 @@ def test_percentile_two_sided_on_skewed_data():
     assert lo == pytest.approx(-5, abs=1.5) and hi == pytest.approx(1.0, abs=5e-3)
 
 
-@pytest.mark.parametrize("method", [entropy_range, mse_range])
-def test_heavy_tails_are_clipped_tighter_than_minmax(method, heavy_tailed):
+def test_heavy_tails_are_clipped_tighter_than_minmax(heavy_tailed):
     hist = _histogram(heavy_tailed)
-    lo, hi = method(hist)
+    lo, hi = mse_range(hist)
     assert heavy_tailed.min() < lo < 0 < hi < heavy_tailed.max()
     assert hi - lo < 0.8 * (heavy_tailed.max() - heavy_tailed.min())
 
 
-@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+@pytest.mark.parametrize("method", ["percentile", "mse"])
 def test_one_signed_data_keeps_zero_as_lower_bound(method, heavy_tailed):
     relu = np.maximum(heavy_tailed, 0)
     lo, hi = tensor_range(_histogram(relu), method)
     assert lo == 0.0 and 0 < hi <= relu.max()
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
 def test_uniform_data_is_not_clipped(method):
     values = np.random.default_rng(2).uniform(-1, 1, 100_000)
     lo, hi = tensor_range(_histogram(values), method)
@@ -87,7 +79,7 @@ def test_uniform_data_is_not_clipped(method):
 
 def test_ranges_always_contain_zero():
     values = np.random.default_rng(3).uniform(2, 3, 1000)
-    for method in ("minmax", "percentile", "entropy", "mse"):
+    for method in ("minmax", "percentile", "mse"):
         lo, hi = tensor_range(_histogram(values), method)
         assert lo == 0.0 and hi <= 3.0
 
@@ -113,39 +105,6 @@ def test_weight_mse_clips_long_channels_and_lowers_the_error():
     assert error(weight_absmax(heavy, 0, "mse")) < error(weight_absmax(heavy, 0, "minmax"))
 
 
-def _entropy_by_loop(hist: Histogram, levels: int = 256, max_candidates: int = 512) -> tuple[float, float]:
-    """entropy_range as it was written first: one KL per candidate threshold, strict minimum."""
-    magnitudes, levels, sign = _one_sided_counts(hist, levels)
-    used = int(np.flatnonzero(magnitudes)[-1]) + 1
-    if used <= levels:
-        return hist.min, hist.max
-    step = max(1, (used - levels) // max_candidates)
-    best, best_kl = used, np.inf
-    for stop in range(levels, used + 1, step):
-        kl = _clipped_kl(magnitudes, stop, levels)
-        if kl < best_kl:
-            best, best_kl = stop, kl
-    threshold = best * hist.range / (hist.bins // 2)
-    return (0.0 if sign > 0 else max(-threshold, hist.min)), (0.0 if sign < 0 else min(threshold, hist.max))
-
-
-@pytest.mark.parametrize("bins", [256, 2048])
-@pytest.mark.parametrize("kind", ["t3", "relu", "negative", "sparse", "outliers", "integers"])
-def test_vectorised_entropy_equals_the_per_threshold_loop(kind, bins):
-    rng = np.random.default_rng(7)
-    values = {"t3": lambda: rng.standard_t(3, 50_000), "relu": lambda: np.maximum(rng.standard_t(3, 50_000), 0),
-              "negative": lambda: -np.abs(rng.laplace(0, 1, 50_000)),
-              "sparse": lambda: rng.standard_t(2, 50),  # most bins empty: many thresholds tie
-              "outliers": lambda: np.concatenate([rng.normal(0, 1, 20_000), rng.normal(0, 60, 10)]),
-              "integers": lambda: np.round(rng.normal(0, 3, 20_000))}[kind]()
-    hist = _histogram(values, bins=bins, batches=3)
-    magnitudes, levels, _ = _one_sided_counts(hist, 256)
-    stops = np.arange(levels, int(np.flatnonzero(magnitudes)[-1]) + 2)
-    reference = np.array([_clipped_kl(magnitudes, int(stop), levels) for stop in stops])
-    np.testing.assert_allclose(_clipped_kl_many(magnitudes, stops, levels), reference, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(entropy_range(hist), _entropy_by_loop(hist), rtol=1e-6)
-
-
 def test_gram_multiplies_in_float32_and_sums_in_float64():
     rng = np.random.default_rng(8)
     batches = [(rng.standard_normal((5, 70, 48)) * rng.uniform(0.1, 10, 48)).astype(np.float32) for _ in range(4)]
@@ -158,23 +117,3 @@ def test_gram_multiplies_in_float32_and_sums_in_float64():
     np.testing.assert_allclose(gram.xtx, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
     np.testing.assert_allclose(np.diag(gram.xtx), np.diag(exact), rtol=1e-6)
     np.testing.assert_allclose(gram.xtx, gram.xtx.T, rtol=0, atol=0)  # symmetric as XᵀX is
-
-
-def _clipped_kl(counts: np.ndarray, stop: int, levels: int) -> float:
-    """The reference KL(P || Q) bin by bin: P = counts[:stop] with the clipped tail added to its last
-    bin; Q = the first ``stop`` bins merged into ``levels`` groups, each group's mass spread over
-    its non-empty bins (TensorRT's calibration, written plainly)."""
-    p = counts[:stop].astype(np.float64)
-    p[-1] += counts[stop:].sum()
-    groups = (np.arange(stop) * levels) // stop
-    starts = np.flatnonzero(np.diff(groups, prepend=-1))
-    nonzero = p > 0
-    mass = np.add.reduceat(counts[:stop].astype(np.float64), starts)
-    filled = np.add.reduceat(nonzero.astype(np.float64), starts)
-    q = np.where(nonzero, (mass / np.maximum(filled, 1))[groups], 0.0)
-    if q.sum() == 0:
-        return np.inf
-    mask = p > 0
-    p = p[mask] / p.sum()
-    q = np.maximum(q[mask] / q.sum(), 1e-8)
-    return float((p * np.log(p / q)).sum())

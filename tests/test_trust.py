@@ -407,7 +407,7 @@ def test_passes_show_allowed_values_and_match_the_registry(capsys):
     assert pass_catalog() == build_catalog()
     assert main(["passes", "quantize_static"]) == 0
     out = capsys.readouterr().out
-    assert "method (minmax|percentile|entropy|mse) = 'minmax'" in out
+    assert "method (minmax|percentile|mse) = 'minmax'" in out
     assert "reduce_range (bool | auto) = 'auto'" in out
     assert "(Literal)" not in out
 

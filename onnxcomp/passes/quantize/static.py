@@ -53,6 +53,12 @@ from onnxcomp.qparams import QParams, is_x86
 
 __all__ = ["QuantizeStatic", "QuantizeStaticConfig", "StaticResult", "quantize_static_model"]
 
+# KL-divergence (TensorRT "entropy") thresholds weigh a range by how many values it keeps, so they clip
+# the rare large activations transformers depend on (LayerNorm outlier channels) and, on ReLU outputs,
+# the spike at zero; no variant tried was as faithful as percentile (bench/quantize.py figures in README).
+REMOVED_ENTROPY = ("method 'entropy' was removed: its KL threshold clips rare large activations that the "
+                   "output depends on; use 'percentile' (or 'mse')")
+
 _ACTIVATION_TYPE_HELP = (
     "activation integer type. Default uint8 because onnxruntime on x86 fuses int8 activations only "
     "when the session sets session.qdqisint8allowed=1 or every QuantizeLinear has one consumer; "
@@ -62,9 +68,9 @@ _ACTIVATION_TYPE_HELP = (
 class QuantizeStaticConfig(PassConfig, NodeSelection):
     renamed_options: ClassVar[dict[str, str]] = {"exclude_nodes": "exclude", "exclude_ops": "exclude"}
 
-    method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
-        "minmax", description="activation range from calibration data: min-max, two-sided percentile, "
-                              "KL-divergence threshold (TensorRT), or the range minimising quantization MSE")
+    method: Literal["minmax", "percentile", "mse"] = Field(
+        "minmax", description="activation range from calibration data: min-max, two-sided percentile, or the "
+                              "range minimising quantization MSE")
     percentile: float = Field(99.999, gt=50, le=100, description="kept fraction (%) for method=percentile")
     weight_method: Literal["minmax", "mse"] = Field(
         "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
@@ -76,7 +82,7 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
                                                     "masks, -inf sentinels) stay float with the nodes touching them")
     calib_samples: int = Field(512, ge=1, description="use at most this many calibration samples")
     histogram_bins: int = Field(2048, ge=128, multiple_of=2,
-                                description="histogram bins per tensor (percentile, entropy, mse)")
+                                description="histogram bins per tensor (percentile, mse)")
     bias_correction: bool = Field(
         False, description="after quantizing, shift each Conv/Gemm int32 bias by the mean output error the layer "
                            "adds itself (weight rounding, its input's clipping), measured on the calibration data")
@@ -97,6 +103,13 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
     sensitivity_samples: int = Field(64, ge=1, description="calibration samples the sensitivity search evaluates "
                                                            "each trial on (one trial per quantized node, then a bisection)")
 
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _entropy_removed(cls, value: Any) -> Any:
+        if value == "entropy":
+            raise ValueError(REMOVED_ENTROPY)
+        return value
 
     @field_validator("smooth_quant", mode="before")
     @classmethod
@@ -216,7 +229,7 @@ class QuantizeStatic(CompressionPass):
 
     name = "quantize_static"
     min_opset = 13  # per-channel DequantizeLinear (older models are upgraded first, verified)
-    summary = "int8 QDQ with calibrated activations (minmax/percentile/entropy/mse), per-channel weights"
+    summary = "int8 QDQ with calibrated activations (minmax/percentile/mse), per-channel weights"
     Config = QuantizeStaticConfig
     needs_calibration = True
 
