@@ -154,6 +154,24 @@ def test_wanda_is_torch_with_activation_importance(mlp):
     np.testing.assert_array_equal(_masks(mlp)["/fc1/Gemm"], _torch_mask(module))
 
 
+def test_wanda_global_spends_global_l1_budget_per_layer(mlp):
+    """Global wanda: each layer loses exactly what global L1 takes from it; within the layer the
+    activation-aware score (torch l1_unstructured with |W|·‖x_j‖ importance) picks the weights."""
+    l1 = mlp.clone()
+    _prune(l1, {"prune": {"method": "l1", "amount": 0.5, "scope": "global"}})
+    _prune(mlp, {"prune": {"method": "wanda", "amount": 0.5, "scope": "global"}}, calib=DIGITS / "calib.npz")
+    l1_masks, wanda_masks, weights = _masks(l1), _masks(mlp), _weights(ir.load(MODELS / "digits_mlp.onnx"))
+    assert l1_masks.keys() == wanda_masks.keys() and len(l1_masks) >= 2
+    for name in l1_masks:
+        assert (~wanda_masks[name]).sum() == (~l1_masks[name]).sum()
+    assert len({int((~m).sum()) for m in l1_masks.values()}) > 1  # layers lose different shares
+    x = np.load(DIGITS / "calib.npz")["input"].reshape(300, -1).astype(np.float64)
+    importance = np.abs(weights["/fc1/Gemm"]) * np.sqrt((x ** 2).mean(axis=0))[None, :]
+    expected = unstructured_mask(importance, np.ones_like(importance, bool), int((~l1_masks["/fc1/Gemm"]).sum()))
+    np.testing.assert_array_equal(wanda_masks["/fc1/Gemm"], expected)
+    assert not np.array_equal(wanda_masks["/fc1/Gemm"], l1_masks["/fc1/Gemm"])
+
+
 def _tiny(weight_stored: np.ndarray, nodes, x_shape, y_shape) -> ir.Model:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],

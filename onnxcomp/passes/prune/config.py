@@ -25,7 +25,8 @@ class PruneConfig(PassConfig, NodeSelection):
     dim: Literal[0, 1] | None = Field(
         None, description="absent: unstructured; 0: whole output channels (rows / filters), 1: input channels")
     scope: Literal["layer", "global"] = Field(
-        "layer", description="layer: amount per layer; global: one threshold over all selected layers (unstructured)")
+        "layer", description="layer: amount per layer; global: one threshold over all selected layers (unstructured; "
+                             "wanda: each layer loses what global l1 takes from it, wanda picks which weights)")
     nm: str | None = Field(None, description="N:M sparsity, e.g. '2:4': at most N of every M consecutive weights "
                                              "along the input axis survive (instead of amount)")
     apply: Literal["fold", "mask", "remove_channels"] = Field(
