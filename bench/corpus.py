@@ -327,20 +327,49 @@ def run_model(entry: dict, entries: dict, material: list, names: list[str], ort_
         rows[name] = row
         print(f"  {entry['id']:<20} {name:<18} exit {row['exit']} {row['wall_s']:6.1f}s "
               f"{'written' if row['written'] else row['message'][:110]}", flush=True)
-    spec = out_dir / "eval.json"
+    evals = evaluate(entry, model, val, variants, latency, out_dir)
+    return merge_evals(rows, evals)
+
+
+def evaluate(entry: dict, model: Path, val: Path, variants: dict[str, str], latency: bool, out_dir: Path) -> dict:
+    """Every variant evaluated in one child process; when that child dies (onnxruntime crashing
+    on one file), each variant again in its own child (no latency), the crashing one recorded."""
+    evals = _eval_process(entry, model, val, variants, latency, out_dir / "eval.json")
+    if isinstance(evals, dict):
+        return evals
+    print(f"  evaluation of {entry['id']} failed ({evals}); evaluating each file alone", flush=True)
+    alone: dict[str, dict] = {}
+    for name, path in variants.items():
+        one = {"fp32": str(model), name: path}
+        got = _eval_process(entry, model, val, one, False, out_dir / f"eval-{name}.json")
+        if isinstance(got, dict):
+            alone[name] = got.get(name, {})
+            alone.setdefault("fp32", got.get("fp32", {}))
+        else:
+            alone[name] = {"loads": False, "load_error": f"evaluation crashed: {got}"}
+    return alone
+
+
+def _eval_process(entry: dict, model: Path, val: Path, variants: dict[str, str], latency: bool,
+                  spec: Path) -> dict | str:
+    """The child's results, or why it failed (its last stderr line)."""
     spec.write_text(json.dumps({"fp32": str(model), "val": str(val), "output": entry["output"],
                                 "variants": variants, "latency": latency}))
     with tempfile.TemporaryDirectory(prefix="corpus-eval-") as tmp:
         p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_eval", entry["id"], str(spec)],
                            cwd=tmp, capture_output=True, text=True)
     if p.returncode == 0 and p.stdout.strip():
-        evals = json.loads(p.stdout.strip().splitlines()[-1])
-    else:
-        evals = {}
-        print(f"  evaluation of {entry['id']} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else '?'}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    tail = p.stderr.strip().splitlines()[-1][:200] if p.stderr.strip() else f"exit {p.returncode}"
+    return tail
+
+
+def merge_evals(rows: dict[str, dict], evals: dict[str, dict]) -> dict[str, dict]:
+    """Each row with its evaluation; an ``fp32`` row always (empty when the evaluation failed), so
+    the report is written whatever failed."""
+    rows.setdefault("fp32", {})
     for name, ev in evals.items():
         rows.setdefault(name, {}).update(ev)
-    rows["fp32"].update(evals.get("fp32", {}))
     return rows
 
 

@@ -26,7 +26,7 @@ LABEL_KEY = "label"
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype, dims (int, or str/None for dynamic)."""
+    """A graph input: name, numpy dtype, dims (int >= 0, or str/None for dynamic)."""
 
     name: str
     dtype: np.dtype
@@ -131,7 +131,9 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         dims = None
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            # a negative dim_value (paddle2onnx writes -1) is a dynamic axis, as onnxruntime reads it
+            dims = tuple((d if d >= 0 else None) if isinstance(d, int) else (d.value if d.value else None)
+                         for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(dtype), dims))
     return specs
 

@@ -38,6 +38,7 @@ __all__ = [
     "side_by_side",
     "opset_version",
     "all_nodes",
+    "subgraph_nodes",
     "Layer",
     "find_layers",
     "NodeSelection",
@@ -222,6 +223,24 @@ def opset_version(model: ir.Model) -> int:
 def all_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies), in order."""
     return iter(ir.traversal.RecursiveGraphIterator(graph))
+
+
+def subgraph_nodes(graph: ir.Graph, ops: tuple[str, ...]) -> list[tuple[ir.Node, str]]:
+    """Standard-domain nodes of ``ops`` inside the subgraphs (If/Loop/Scan bodies, nested too) of
+    ``graph``'s nodes, each with where it sits: ``"else_branch of If if_0"`` (its outermost owner)."""
+    found = []
+    for owner in graph:
+        for attr in owner.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                bodies = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                bodies = list(attr.value)
+            else:
+                continue
+            for body in bodies:
+                found += [(node, f"{attr.name} of {label(owner)}") for node in all_nodes(body)
+                          if node.op_type in ops and is_standard(node)]
+    return found
 
 
 class NodeSelection(BaseModel):

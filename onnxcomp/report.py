@@ -128,7 +128,7 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
         for axis, dim in enumerate(dims):
-            if not dim.HasField("dim_value") and inp.name in concrete:
+            if (not dim.HasField("dim_value") or dim.dim_value < 0) and inp.name in concrete:  # -1: dynamic
                 dim.dim_value = concrete[inp.name][axis]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
@@ -170,7 +170,7 @@ def _count_macs(inferred: onnx.ModelProto) -> tuple[int, int]:
     shapes = {}
     for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         dims = info.type.tensor_type.shape.dim
-        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
             shapes[info.name] = tuple(d.dim_value for d in dims)
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(init.dims)

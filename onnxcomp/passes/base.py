@@ -17,13 +17,13 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from onnxcomp.graph import NodeSelection
+from onnxcomp.graph import NodeSelection, label, subgraph_nodes
 from onnxcomp.params import count_params
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
 
-__all__ = ["register", "PassConfig", "PassContext", "FidelityEvaluator", "PassStats", "CompressionPass", "CompressionResult"]
+__all__ = ["register", "skip_subgraph_nodes", "PassConfig", "PassContext", "FidelityEvaluator", "PassStats", "CompressionPass", "CompressionResult"]
 
 
 class PassConfig(BaseModel):
@@ -188,6 +188,16 @@ class CompressionPass(ir.passes.InPlacePass):
 
     def run(self, model: ir.Model, stats: PassStats) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def skip_subgraph_nodes(stats: PassStats, graph: ir.Graph, ops: tuple[str, ...], why: str) -> int:
+    """List every node of ``ops`` inside ``graph``'s subgraph bodies as skipped: ``"inside a
+    subgraph: " + why``, named by op, name (or output) and where it sits. Returns how many."""
+    found = subgraph_nodes(graph, ops)
+    for node, where in found:
+        name = label(node) if node.name else f"{node.op_type} -> {node.outputs[0].name}"
+        stats.skip(f"{name} ({where})", f"inside a subgraph: {why}")
+    return len(found)
 
 
 _PASSES: dict[str, type[CompressionPass]] = {}

@@ -21,7 +21,7 @@ from onnxcomp.graph import (
     label,
     release_mapped,
 )
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register, skip_subgraph_nodes
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
@@ -72,6 +72,8 @@ class QuantizeDynamic(CompressionPass):
                 stats.skip(what, why)
             else:
                 stats.touch(what)
+        skip_subgraph_nodes(stats, model.graph, ("MatMul", "Gemm", "Conv"),
+                            "left float (quantize_dynamic rewrites the main graph only)")
         note_reduce_range(self.config, stats)
         if stats.touched:
             record_target(model, self.config)

@@ -21,7 +21,8 @@ from pydantic import Field, field_validator
 from onnxcomp.calibrate import Histogram, MinMax
 from onnxcomp.data import Dataset
 from onnxcomp.graph import Names, NodeSelection, label
-from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register
+from onnxcomp.int8_ops import COMPUTE_OPS
+from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register, skip_subgraph_nodes
 from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.int8_common import (
@@ -240,6 +241,8 @@ class QuantizeStatic(CompressionPass):
         result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size,
                                        target=self.context.fidelity, seed=self.context.seed)
         _report_static(model, result, cfg, stats)
+        skip_subgraph_nodes(stats, model.graph, COMPUTE_OPS, "left float (calibration sees the main graph's "
+                            "tensors only)")
         stats.metrics["calib_samples"] = len(data)
 
 

@@ -49,7 +49,7 @@ from onnxcomp.graph import (
     is_standard,
     label,
 )
-from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
+from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register, skip_subgraph_nodes
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
 
@@ -128,6 +128,8 @@ class QuantizeWeights(CompressionPass):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             stats.notes.append("rel. error: " + ("output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
                                                  if hessians else "weight error |dW|^2/|W|^2"))
+        skip_subgraph_nodes(stats, graph, ("MatMul", "Gemm"), "left float (quantize_weights rewrites the main "
+                            "graph only)")
         if cfg.quantize_embeddings:
             b, a = quantize_gathers(model, cfg, stats)
             bytes_before, bytes_after = bytes_before + b, bytes_after + a
