@@ -190,6 +190,7 @@ def side_by_side(model: ir.Model, other: ir.Model, prefix: str) -> tuple[ir.Mode
         if value.name in inputs:
             renamed[value.name] = value.name
             value.replace_all_uses_with(inputs[value.name])
+    guest.graph.outputs.clear()  # first: an initializer that is also an output stays owned by its graph otherwise
     for name in list(guest.graph.initializers):
         value = guest.graph.initializers.pop(name)
         value.name = renamed[name] = names(prefix + name)
@@ -204,7 +205,6 @@ def side_by_side(model: ir.Model, other: ir.Model, prefix: str) -> tuple[ir.Mode
                 out.name = names(prefix + old)
                 if node.graph is guest.graph:
                     renamed[old] = out.name
-    guest.graph.outputs.clear()
     for node in list(guest.graph):
         guest.graph.remove(node)
         merged.graph.append(node)

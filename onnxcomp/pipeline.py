@@ -201,8 +201,13 @@ def compress(
 
 def run_passes(model: ir.Model, recipe: Recipe, context: PassContext, *,
                verify_each: bool = False) -> list[PassStats]:
-    """Run every step of ``recipe`` on ``model`` in place; return each pass's stats."""
+    """Run every step of ``recipe`` on ``model`` in place; return each pass's stats.
+
+    A pass that reads ``context.original`` (distill's teacher) gets a copy of ``model`` as it
+    came in when the context has none (Python use outside :func:`compress`)."""
     all_stats = []
+    if context.original is None and any(get_pass(step.name).uses_original for step in recipe.steps):
+        context = dataclasses.replace(context, original=model.clone())
     tried: set[int] = set()
     for index, step in enumerate(recipe.steps):
         cls = get_pass(step.name)

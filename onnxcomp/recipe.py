@@ -58,6 +58,10 @@ class Recipe:
     source: str
     description: str = ""
 
+    def extras_needed(self) -> tuple[str, ...]:
+        """The optional extras of onnxcomp its passes need (``train``: torch), sorted."""
+        return tuple(sorted({extra for step in self.steps for extra in get_pass(step.name).extras_needed(step.config)}))
+
 
 def load_recipe(recipe: str | os.PathLike | dict) -> Recipe:
     """A recipe from a dict, a YAML/JSON file path, or the name of a shipped recipe."""

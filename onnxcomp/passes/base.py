@@ -151,11 +151,18 @@ class CompressionPass(ir.passes.InPlacePass):
     needs_calibration: ClassVar[bool] = False
     # the default-domain opset the pass needs; the pipeline upgrades older models first (verified)
     min_opset: ClassVar[int] = 0
+    # reads PassContext.original (a teacher): run_passes keeps a copy of the incoming model when none is given
+    uses_original: ClassVar[bool] = False
 
     @classmethod
     def calibration_needed(cls, config: PassConfig) -> bool:
         """Whether this pass, with ``config``, needs calibration data (checked before any work)."""
         return cls.needs_calibration
+
+    @classmethod
+    def extras_needed(cls, config: PassConfig) -> tuple[str, ...]:
+        """The optional extras of onnxcomp (e.g. ``train`` = torch) this pass needs with ``config``."""
+        return ()
 
     @classmethod
     def check(cls, config: PassConfig, model: ir.Model, context: PassContext) -> None:

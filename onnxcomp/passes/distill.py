@@ -15,7 +15,10 @@ Engines:
 - ``closed_form`` (default, numpy/scipy only; :mod:`onnxcomp.passes.distill_layerwise`):
   layer-wise ridge reconstruction of every selected layer against the teacher's activations
   (masks and low-rank pairs respected, never worse on the calibration data), then the exact
-  loss on the final classifier layer with L-BFGS.
+  loss on the final classifier layer with L-BFGS. The refitted model is kept only if its loss on
+  the calibration data is not higher than before (layer-wise fits are each never worse, but layers
+  they cannot reach, e.g. inside subgraphs, can turn them against the logits); otherwise the
+  model is left unchanged and the notes say so.
 - ``torch`` (the ``[train]`` extra; :mod:`onnxcomp.passes.distill_torch`): end-to-end Adam
   training of every float initializer the selected layers read, the graph executed op by op
   with torch functions (autograd, no hand-written gradients); pruned entries get no gradient;
@@ -80,6 +83,11 @@ class Distill(CompressionPass):
     summary = "fit a compressed student to its teacher: layer-wise closed form + logit loss, or torch training"
     Config = DistillConfig
     needs_calibration = True
+    uses_original = True
+
+    @classmethod
+    def extras_needed(cls, config: DistillConfig) -> tuple[str, ...]:
+        return ("train",) if config.engine == "torch" else ()
 
     @classmethod
     def check(cls, config: DistillConfig, model: ir.Model, context: PassContext) -> None:
@@ -90,6 +98,14 @@ class Distill(CompressionPass):
             from onnxcomp.passes.distill_torch import require_torch
 
             require_torch()
+            from onnxcomp.torch_graph import supported_ops
+
+            known = set(supported_ops())
+            unknown = sorted({f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                              for n in model.graph if n.op_type not in known or n.domain not in ("", "ai.onnx")})
+            if unknown:
+                raise OnnxcompError(f"distill engine torch cannot run the ops {', '.join(unknown)} of this model "
+                                    "(use engine: closed_form)")
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         cfg, ctx = self.config, self.context
@@ -115,16 +131,30 @@ class Distill(CompressionPass):
                                    temperature=cfg.temperature, grad=False)
 
         if cfg.engine == "closed_form":
-            self._closed_form(model, data, inputs, teacher_logits, labels, seed, stats)
+            # on a copy: layer-wise fits are each never worse, but together they can move the logits away
+            # (layers that are not refitted, e.g. inside subgraphs): kept only if the loss is not higher
+            work = model.clone()
+            self._closed_form(work, data, inputs, teacher_logits, labels, seed, stats)
+            student_after = capture(work, data, [inputs.output], ctx.batch_size)[inputs.output]
+            loss_after = distill_loss(student_after, teacher_logits, labels, alpha=cfg.alpha,
+                                      temperature=cfg.temperature, grad=False)
+            if stats.touched and loss_after.total <= loss_before.total:
+                model.graph = work.graph
+            elif stats.touched:
+                stats.notes.append(f"closed form: the refitted model's loss on the calibration data was higher "
+                                   f"({loss_before.total:.4g} -> {loss_after.total:.4g}): weights kept")
+                stats.skipped.extend((what, "reverted with the whole refit") for what in stats.touched)
+                stats.touched.clear()
+                stats.metrics["reverted"] = True
+                student_after, loss_after = student_before, loss_before
         else:
             from onnxcomp.passes.distill_torch import train
 
             train(model, data, teacher_logits, labels, cfg, output=inputs.output, seed=seed,
                   stats=stats, selection=cfg)
-
-        student_after = capture(model, data, [inputs.output], ctx.batch_size)[inputs.output]
-        loss_after = distill_loss(student_after, teacher_logits, labels, alpha=cfg.alpha,
-                                  temperature=cfg.temperature, grad=False)
+            student_after = capture(model, data, [inputs.output], ctx.batch_size)[inputs.output]
+            loss_after = distill_loss(student_after, teacher_logits, labels, alpha=cfg.alpha,
+                                      temperature=cfg.temperature, grad=False)
         stats.metrics.update({
             "engine": cfg.engine + (" + qat" if cfg.qat else ""),
             "teacher": inputs.teacher_source,
