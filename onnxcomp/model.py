@@ -40,9 +40,9 @@ __all__ = [
     "atomic_outputs",
     "input_files",
     "weights_digest",
-    "clone_model",
     "model_nbytes",
     "has_external_tensors",
+    "tensor_protos",
     "release_external",
     "PROTOBUF_LIMIT",
 ]
@@ -275,7 +275,7 @@ def input_files(path: str | os.PathLike) -> set[str]:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - any unreadable file: load_model reports it
         return files
-    for tensor in external_data_helper._get_all_tensors(proto):
+    for tensor in tensor_protos(proto):
         if external_data_helper.uses_external_data(tensor):
             location = external_data_helper.ExternalDataInfo(tensor).location
             if location:
@@ -283,9 +283,22 @@ def input_files(path: str | os.PathLike) -> set[str]:
     return files
 
 
-def clone_model(model: ir.Model) -> ir.Model:
-    """A structural copy that shares tensors: passes replace tensors, never edit them."""
-    return model.clone()
+def tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of ``proto``: graph initializers and tensor attributes (``Constant``'s
+    value, …), those of subgraphs (If/Loop/Scan bodies) included — what onnx's external-data
+    helpers walk, from public proto fields only."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
 
 
 def has_external_tensors(model: ir.Model) -> bool:
@@ -339,7 +352,7 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
                 f"{path}: opset {opset.version} is newer than onnxruntime supports "
                 f"(max {max_opset})"
             )
-    for tensor in external_data_helper._get_all_tensors(proto):  # declared shape vs the bytes held
+    for tensor in tensor_protos(proto):  # declared shape vs the bytes held
         if tensor.HasField("raw_data") and tensor.data_type in _ITEMSIZE:
             want = _ITEMSIZE[tensor.data_type]
             for dim in tensor.dims:
@@ -348,7 +361,7 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
                 raise OnnxcompError(f"{path}: tensor '{tensor.name}' declares shape {list(tensor.dims)} "
                                     f"but holds {len(tensor.raw_data)} bytes")
     external = any(external_data_helper.uses_external_data(t)
-                   for t in external_data_helper._get_all_tensors(proto))
+                   for t in tensor_protos(proto))
     try:
         # with external data the checker must resolve files next to the model, not the cwd
         onnx.checker.check_model(str(path) if external else proto, full_check=False)
@@ -360,7 +373,7 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Every external tensor must live in an existing file inside the model's folder."""
     base = path.parent.resolve()
     sizes: dict[Path, int] = {}
-    for tensor in external_data_helper._get_all_tensors(proto):
+    for tensor in tensor_protos(proto):
         if not external_data_helper.uses_external_data(tensor):
             continue
         try:

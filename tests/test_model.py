@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.model import load_model, runtime_limits, save_model
+from onnxcomp.model import load_model, runtime_limits, save_model, tensor_protos
 from tests.conftest import DIGITS, MODELS
 
 
@@ -193,3 +193,20 @@ def test_external_data_chosen_automatically_past_the_limit(tmp_path, cnn_path, v
     (data,) = tmp_path.glob("big.onnx.*.data")
     assert data.stat().st_size > 100_000
     np.testing.assert_allclose(_logits(str(out), val_x), _logits(str(cnn_path), val_x), atol=1e-6)
+
+
+def test_tensor_protos_walks_initializers_attributes_and_subgraphs():
+    def const(name):
+        return numpy_helper.from_array(np.zeros(2, np.float32), name)
+
+    then = helper.make_graph([helper.make_node("Constant", [], ["t"], value=const("then_attr"))], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])], [const("then_init")])
+    other = helper.make_graph([helper.make_node("Identity", ["else_init"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])], [const("else_init")])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=const("main_attr")),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [const("main_init")])
+    names = sorted(t.name for t in tensor_protos(helper.make_model(graph)))
+    assert names == ["else_init", "main_attr", "main_init", "then_attr", "then_init"]

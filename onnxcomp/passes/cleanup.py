@@ -77,11 +77,11 @@ class Cleanup(CompressionPass):
         stats.metrics["nodes_after"] = _node_count(model)
 
     def _fold_constants(self, model: ir.Model, stats: PassStats) -> None:
-        from onnxscript.optimizer import _constant_folding
+        from onnxscript.optimizer import fold_constants
 
         n = _node_count(model)
         limit = self.config.fold_limit
-        _constant_folding.fold_constants(
+        fold_constants(
             model,
             input_size_limit=limit,
             output_size_limit=limit,
