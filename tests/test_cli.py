@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -152,18 +155,33 @@ def test_user_errors_exit_2_with_one_line(tmp_path, cnn_path, val_path, capsys):
     assert sorted(leftovers) == ["not.onnx", "trunc.onnx"]  # no partial output
 
 
-def test_unwritable_output_folder_as_user(tmp_path, cnn_path):
-    """The same check through a real permission failure when not running as root."""
-    if os.geteuid() == 0:
-        target = tmp_path / "file_not_dir"
-        target.write_text("x")
-        code = main(["run", "cleanup", "-m", str(cnn_path), "-o", str(target / "o.onnx")])
-        assert code == 2
-        return
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    os.chmod(locked, 0o500)
-    assert main(["run", "cleanup", "-m", str(cnn_path), "-o", str(locked / "o.onnx")]) == 2
+def _without_root_powers() -> None:
+    """preexec_fn: a new user namespace, so root's capabilities (writing anywhere) no longer apply to
+    the host's files; the process keeps its uid and reads what root owns."""
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+
+
+def test_unwritable_output_folder(cnn_path):
+    """A real permission failure, also as root (CI): the folder is r-x for its owner, and a root
+    process runs the CLI without its capabilities."""
+    as_root = {"preexec_fn": _without_root_powers} if os.geteuid() == 0 else {}
+    if as_root:
+        try:
+            subprocess.run([sys.executable, "-c", "pass"], check=True, **as_root)
+        except (subprocess.SubprocessError, OSError) as exc:
+            pytest.skip(f"running as root and user namespaces are not allowed here ({exc})")
+    locked = Path(tempfile.mkdtemp(prefix="onnxcomp-locked-"))
+    try:
+        os.chmod(locked, 0o500)
+        proc = subprocess.run([sys.executable, "-m", "onnxcomp.cli", "run", "cleanup", "-m", str(cnn_path),
+                               "-o", str(locked / "o.onnx")], capture_output=True, text=True, **as_root)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == f"onnxcomp: error: {locked / 'o.onnx'}: output folder {locked} is not writable"
+        assert not any(locked.iterdir())
+    finally:
+        os.chmod(locked, 0o700)
+        shutil.rmtree(locked)
 
 
 def test_inspect_reports_forms(capsys):

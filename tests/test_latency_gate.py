@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from onnxcomp.gate import Gate
-from onnxcomp.validate import check_gate, slower_note
+from onnxcomp.validate import slower_note
 
 INT8 = {"ops": {"QuantizeLinear": 4, "DequantizeLinear": 8, "MatMul": 3}, "macs": 17_000}
-
-
-def test_max_latency_ratio_gate():
-    gate = Gate(max_latency_ratio=1.0)
-    assert check_gate(gate, {}, {"latency_ratio": 0.8}) == ([], [])
-    failures, _ = check_gate(gate, {}, {"latency_ratio": 1.25})
-    assert failures == ["max_latency_ratio: 1.25 does not meet 1.0"]
-    failures, unchecked = check_gate(gate, {}, {})
-    assert failures == [] and unchecked == ["max_latency_ratio: not checked, latency not measured (latency_runs 0)"]
 
 
 def test_slower_note_names_cause_and_alternative():
