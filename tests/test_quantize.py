@@ -21,7 +21,7 @@ from onnxcomp.model import load_model
 from onnxcomp.pipeline import compress
 from onnxcomp.qparams import activation_params, weight_params
 from onnxcomp.runtime import optimized_graph
-from tests.qdq_models import (
+from tests.builders import (
     gemm_variants,
     kitchen_sink,
     kitchen_sink_data,
