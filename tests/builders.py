@@ -1,12 +1,63 @@
-"""Small ONNX graphs built in code for the quantization and fusion tests."""
+"""The shared test helpers: where the shipped models live, and small ONNX graphs built in code
+(tests import builders from here, never from each other)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
+
+from onnxcomp.runtime import open_session
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+DIGITS = MODELS / "digits"
+
+
+def build(nodes, inputs, outputs, inits) -> ir.Model:
+    graph = h.make_graph(nodes, "g", inputs, outputs, [nh.from_array(np.asarray(a, np.float32), n)
+                                                        for n, a in inits.items()])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def tensor(name, *dims):
+    return h.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+
+def run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
+    with open_session(model) as session:
+        return session.run(None, feeds)
+
+
+def layernorm_block(residual: bool = False, outliers=(3, 17, 40, 55), seed: int = 0) -> ir.Model:
+    """LayerNorm (γ ×50 on a few channels) → three MatMuls sharing its output (Q/K/V-like)
+    [→ and a residual Add reading it too]."""
+    rng = np.random.default_rng(seed)
+    k = 64
+    gamma = np.ones(k)
+    gamma[list(outliers)] = 50.0
+    inits = {"gamma": gamma, "beta": rng.normal(0, 0.1, k)}
+    nodes = [h.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1)]
+    outputs = []
+    for name in ("q", "k", "v"):
+        inits[f"w{name}"] = rng.normal(0, 0.1, (k, 32))
+        nodes.append(h.make_node("MatMul", ["ln", f"w{name}"], [name], name=name))
+        outputs.append(tensor(name, "N", 8, 32))
+    if residual:
+        nodes.append(h.make_node("Add", ["ln", "x"], ["res"], name="residual"))
+        outputs.append(tensor("res", "N", 8, k))
+    return build(nodes, [tensor("x", "N", 8, k)], outputs, inits)
+
+
+def block_data(n: int = 64, seed: int = 1) -> dict:
+    return {"x": np.random.default_rng(seed).normal(0, 1, (n, 8, 64)).astype(np.float32)}
 
 
 def kitchen_sink(seed: int = 0) -> onnx.ModelProto:

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
-DIGITS = MODELS / "digits"
+from tests.builders import DIGITS, MODELS, ROOT  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 
 import onnxcomp
 from onnxcomp.cli import main
-from tests.conftest import MODELS, ROOT
+from tests.builders import MODELS, ROOT
 
 
 def run_cli(*args, cwd=None):

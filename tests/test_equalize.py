@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 from pydantic import ValidationError
@@ -22,29 +20,12 @@ from onnxcomp.passes.quantize.smooth_quant import (
 )
 from onnxcomp.pipeline import compress
 from onnxcomp.registry import all_passes
-from onnxcomp.runtime import open_session
+from tests.builders import block_data, build, layernorm_block, run, tensor
 
 RNG = np.random.default_rng(0)
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def build(nodes, inputs, outputs, inits) -> ir.Model:
-    graph = h.make_graph(nodes, "g", inputs, outputs, [nh.from_array(np.asarray(a, np.float32), n)
-                                                        for n, a in inits.items()])
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    onnx.checker.check_model(proto)
-    return ir.serde.deserialize_model(proto)
-
-
-def tensor(name, *dims):
-    return h.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
-
-
-def run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
-    with open_session(model) as session:
-        return session.run(None, feeds)
 
 
 def assert_same_function(a: ir.Model, b: ir.Model, feeds: dict, rtol: float = 1e-4) -> None:
@@ -103,29 +84,6 @@ def const(model: ir.Model, node_name: str, index: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------- models built to need it
-
-
-def layernorm_block(residual: bool = False, outliers=(3, 17, 40, 55)) -> ir.Model:
-    """LayerNorm (γ ×50 on a few channels) → three MatMuls sharing its output (Q/K/V-like)
-    [→ and a residual Add reading it too]."""
-    k = 64
-    gamma = np.ones(k)
-    gamma[list(outliers)] = 50.0
-    inits = {"gamma": gamma, "beta": RNG.normal(0, 0.1, k)}
-    nodes = [h.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1)]
-    outputs = []
-    for name in ("q", "k", "v"):
-        inits[f"w{name}"] = RNG.normal(0, 0.1, (k, 32))
-        nodes.append(h.make_node("MatMul", ["ln", f"w{name}"], [name], name=name))
-        outputs.append(tensor(name, "N", 8, 32))
-    if residual:
-        nodes.append(h.make_node("Add", ["ln", "x"], ["res"], name="residual"))
-        outputs.append(tensor("res", "N", 8, k))
-    return build(nodes, [tensor("x", "N", 8, k)], outputs, inits)
-
-
-def block_data(n: int = 64, seed: int = 1) -> dict:
-    return {"x": np.random.default_rng(seed).normal(0, 1, (n, 8, 64)).astype(np.float32)}
 
 
 def badly_scaled_conv_chain() -> ir.Model:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.builders import ROOT
 
 LINT = Path(sys.executable).parent / "lint-imports"
 

@@ -15,7 +15,7 @@ from onnxcomp.cli import main
 from onnxcomp.passes.base import PassContext
 from onnxcomp.passes.lowrank import LOWRANK_KEY, SvdSplit, truncated_factors
 from onnxcomp.passes.lowrank_speed import matmul_key
-from tests.conftest import MODELS
+from tests.builders import MODELS
 
 RNG = np.random.default_rng(0)
 NO_SPEED = {"require_speedup": False}

@@ -9,7 +9,7 @@ import pytest
 
 import onnxcomp
 from onnxcomp.cli import main
-from tests.conftest import MODELS
+from tests.builders import MODELS
 
 BERT = MODELS / "tiny_bert"
 HIDDEN, LAYERS, FFN = 64, 2, 128  # models/tiny_bert/make_tiny_bert.py

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model, runtime_limits, save_model, tensor_protos
-from tests.conftest import DIGITS, MODELS
+from tests.builders import DIGITS, MODELS
 
 
 def _logits(path_or_bytes, x):

@@ -17,7 +17,7 @@ from onnxcomp.passes.prune import state
 from onnxcomp.passes.prune.masks import TorchRandom, unstructured_mask
 from onnxcomp.pipeline import run_passes
 from onnxcomp.recipe import load_recipe
-from tests.conftest import DIGITS, MODELS
+from tests.builders import DIGITS, MODELS
 
 
 def _prune(model: ir.Model, *steps, calib=None) -> list:

@@ -10,7 +10,7 @@ import pytest
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.pipeline import compress
-from tests.test_equalize import block_data, build, layernorm_block, tensor
+from tests.builders import block_data, build, layernorm_block, run, tensor
 
 
 def static(model, calib, val=None, gate=None, **options):
@@ -44,7 +44,6 @@ def biased_matmul_add() -> tuple:
 
 
 def mean_output_error(result, model, feeds) -> np.ndarray:
-    from tests.test_equalize import run
 
     return (run(result.model, feeds)[0] - run(model, feeds)[0]).mean(axis=0)
 

@@ -25,7 +25,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.recipe import Gate, shipped_recipes
 from onnxcomp.validate import check_gate, compare
-from tests.conftest import DIGITS, MODELS, ROOT
+from tests.builders import DIGITS, MODELS, ROOT
 
 
 def _with_bias(src: Path, dst: Path, name: str, value: float) -> Path:
