@@ -10,6 +10,7 @@ rebuilds it, and a cache folder that cannot be written only costs the speed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -54,7 +55,7 @@ def build_catalog() -> list[dict[str, Any]]:
             bounds = "".join(f" {m}" for m in info.metadata)
             options.append({"name": field, "type": describe_type(info.annotation) + bounds,
                             "default": repr(info.default), "description": info.description or ""})
-        catalog.append({"name": name, "summary": cls.summary, "doc": (cls.__doc__ or "").strip(),
+        catalog.append({"name": name, "summary": cls.summary, "doc": inspect.cleandoc(cls.__dict__.get("__doc__") or ""),
                         "options": options})
     return catalog
 

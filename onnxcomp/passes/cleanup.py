@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 from pydantic import Field
 
-from onnxcomp.graph import Names, add_initializer, constant_array, is_standard
+from onnxcomp.graph import Names, add_initializer, constant_array, is_standard, label
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 
 __all__ = ["Cleanup", "fold_batchnorm"]
@@ -41,6 +41,14 @@ class CleanupConfig(PassConfig):
 
 @register
 class Cleanup(CompressionPass):
+    """Tidy the graph without changing any result: fold constant subgraphs and Conv+BatchNorm,
+    remove Identity and unused nodes/initializers/opsets, share duplicate initializers, sort.
+
+    Guarantees the same outputs up to float rounding (BatchNorm folding rescales weights); never
+    folds Quantize/DequantizeLinear, never copies a weight that other nodes still read, keeps the
+    Identity nodes a subgraph needs for its outputs. Each step can be switched off.
+    """
+
     name = "cleanup"
     summary = "constant folding, Conv+BatchNorm folding, identity/unused removal, topological sort"
     Config = CleanupConfig
@@ -52,7 +60,7 @@ class Cleanup(CompressionPass):
             self._fold_constants(model, stats)
         if cfg.fold_batchnorm:
             for conv, bn in fold_batchnorm(model.graph):
-                stats.touch(f"{bn}: folded into Conv {conv}")
+                stats.touch(f"{bn}: folded into {conv}")
         if cfg.identity:
             n = _node_count(model)
             SubgraphSafeIdentityElimination()(model)
@@ -109,7 +117,7 @@ def _should_fold(node: ir.Node) -> bool | None:
 
 
 def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
-    """Fold every eligible Conv → BatchNormalization pair of ``graph``; return (conv, bn) names."""
+    """Fold every eligible Conv → BatchNormalization pair of ``graph``; return (conv, bn) labels."""
     folded = []
     for bn in list(graph):
         if bn.op_type != "BatchNormalization" or not is_standard(bn):
@@ -148,7 +156,7 @@ def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:
         y.replace_all_uses_with(x, replace_graph_outputs=True)
         graph.remove(bn, safe=True)
         x.name = y.name  # keep the tensor (maybe a graph output) under the name users know
-        folded.append((conv.name, bn.name))
+        folded.append((label(conv), label(bn)))
     return folded
 
 

@@ -164,6 +164,13 @@ class _Step:
 
 @register
 class Tucker2(_ConvPass):
+    """Conv kh×kw → Conv 1×1 (I→r_in) → Conv kh×kw core (r_in→r_out) → Conv 1×1 (r_out→O), from
+    the Tucker-2 decomposition of the weight on its channel modes (closed form, no data).
+
+    Only where the chain has fewer parameters than the Conv; grouped, 1×1, non-2-D, SAME-padded
+    and shared-weight Convs are skipped with the reason.
+    """
+
     name = "tucker2"
     summary = "Conv -> 1x1, kxk core, 1x1 (Tucker-2 on the channel modes); ranks by number, energy, VBMF or ratio"
     Config = Tucker2Config
@@ -191,6 +198,12 @@ class Tucker2(_ConvPass):
 
 @register
 class CpDecompose(_ConvPass):
+    """Conv kh×kw → Conv 1×1 (I→R) → depthwise kh×1 → depthwise 1×kw → Conv 1×1 (R→O), from the
+    rank-R CP (PARAFAC) decomposition of the weight (closed form, no data).
+
+    Only where the chain has fewer parameters than the Conv; skips as ``tucker2`` does.
+    """
+
     name = "cp"
     summary = "Conv -> 1x1, depthwise kx1, depthwise 1xk, 1x1 (CP/PARAFAC of rank R)"
     Config = CpConfig
@@ -212,6 +225,12 @@ class CpDecompose(_ConvPass):
 
 @register
 class SpatialSvd(_ConvPass):
+    """Conv kh×kw → Conv kh×1 (I→r) → Conv 1×kw (r→O), from the rank-r SVD of the weight unfolded
+    as [(I·kh), (O·kw)] (closed form, no data).
+
+    Only where the pair has fewer parameters than the Conv; skips as ``tucker2`` does.
+    """
+
     name = "spatial_svd"
     summary = "Conv kxk -> kx1 then 1xk through rank r (SVD of the weight unfolded as [(in, kh), (out, kw)])"
     Config = SpatialSvdConfig
@@ -237,6 +256,12 @@ class SpatialSvd(_ConvPass):
 
 @register
 class DepthwiseSeparable(_ConvPass):
+    """Conv kh×kw → depthwise kh×kw (depth multiplier r) → Conv 1×1 (I·r→O), from the rank-r SVD
+    of each input channel's slice of the weight (closed form; exact at r = min(O, kh·kw)).
+
+    Only where the pair has fewer parameters than the Conv; skips as ``tucker2`` does.
+    """
+
     name = "depthwise_separable"
     summary = "Conv kxk -> depthwise kxk (multiplier r) + 1x1, closed form from each input channel's rank-r SVD"
     Config = DepthwiseSeparableConfig

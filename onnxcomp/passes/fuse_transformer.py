@@ -54,6 +54,13 @@ class FuseTransformerConfig(PassConfig):
 
 @register
 class FuseTransformer(CompressionPass):
+    """onnxruntime.transformers' BERT fusions (Attention or MultiHeadAttention, SkipLayerNormalization,
+    BiasGelu/Gelu, EmbedLayerNormalization) applied to the graph.
+
+    Reports each fusion with its count; a graph where nothing fuses is left unchanged and the
+    pass says it is not BERT-like. The fused graph computes the same outputs up to float rounding.
+    """
+
     name = "fuse_transformer"
     summary = "onnxruntime.transformers' BERT fusions (Attention, SkipLayerNorm, Gelu, EmbedLayerNorm)"
     Config = FuseTransformerConfig

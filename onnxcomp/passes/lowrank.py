@@ -122,6 +122,13 @@ class _Plan:
 
 @register
 class SvdSplit(CompressionPass):
+    """A MatMul/Gemm with a constant weight → two MatMuls through rank k (plain, whitened or
+    activation-scaled SVD), only where k·(in + out) < in·out.
+
+    ``whitened``/``asvd`` need ``--calib``. The factor pair is tagged for later passes; layers
+    where no rank saves parameters are skipped with the reason.
+    """
+
     name = "svd_split"
     summary = "MatMul/Gemm -> two MatMuls through rank k (plain / whitened / asvd SVD), only where it pays"
     Config = SvdSplitConfig

@@ -38,6 +38,14 @@ class EqualizeConfig(PassConfig, NodeSelection):
 
 @register
 class Equalize(CompressionPass):
+    """Cross-layer equalization: for layer 1 → (Relu-like) → layer 2, scale output channel i of
+    layer 1 by 1/s_i and input channel i of layer 2 by s_i so both weight ranges become
+    sqrt(r1_i·r2_i); helps per-tensor int8 weights.
+
+    Data-free; the float function is unchanged up to rounding. Pairs that do not qualify (a
+    non-homogeneous op between them, a shared weight or activation) are skipped with the reason.
+    """
+
     name = "equalize"
     summary = "cross-layer equalization: Conv/Gemm/MatMul → ReLU → Conv/Gemm/MatMul weight ranges (data-free)"
     Config = EqualizeConfig

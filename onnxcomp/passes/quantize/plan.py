@@ -365,9 +365,9 @@ def _float_input(node: ir.Node, plan: StaticPlan, shared: set[ir.Node]) -> str |
         if producer is None:
             source = "a graph input"
         elif plan.roles.get(producer) == "compute":
-            source = f"{producer.op_type} '{producer.name}', whose output can stay float (no Conv/MatMul/Gemm reads it)"
+            source = f"{label(producer)}, whose output can stay float (no Conv/MatMul/Gemm reads it)"
         else:
-            source = f"{producer.op_type} '{producer.name}', which stays float"
+            source = f"{label(producer)}, which stays float"
         return (f"input '{value.name}' comes from {source}: an int8 {node.op_type} would round it once more; "
                 f"in float the result is rounded once, before the next quantized node")
     return None

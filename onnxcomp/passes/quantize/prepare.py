@@ -11,7 +11,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxcomp.calibrate import tensor_values
-from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard
+from onnxcomp.graph import Layer, Names, add_initializer, constant_array, is_standard, label
 from onnxcomp.runtime import open_session, session_options
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def prepare_static(model: ir.Model, options: QuantizeStaticConfig) -> list[str]:
             add = layer.bias_add  # merged only where the Gemm it becomes is selected as well
             if add is not None and options.selects(add) and _gemm_bias(layer, types) is not None:
                 _matmul_add_to_gemm(graph, layer)
-                done.append(f"{node.name}: MatMul + {add.name} -> Gemm")
+                done.append(f"{label(node)} + {label(add)} -> Gemm")
     return done
 
 

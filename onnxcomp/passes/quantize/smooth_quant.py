@@ -71,6 +71,14 @@ class SmoothQuantConfig(PassConfig, NodeSelection):
 
 @register
 class SmoothQuant(CompressionPass):
+    """SmoothQuant: divide each MatMul/Gemm input's channels by s_j and multiply the weight's rows
+    by s_j, moving activation outliers into the weights before int8 quantization.
+
+    Needs ``--calib`` (max |X_j| per channel). The float function is unchanged up to rounding; 1/s
+    goes into the producer where it can absorb it, else a cloned LayerNorm or an inserted Mul
+    (tagged), and every input is reported as smoothed or skipped with the reason.
+    """
+
     name = "smooth_quant"
     summary = "SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights (run before int8)"
     Config = SmoothQuantConfig

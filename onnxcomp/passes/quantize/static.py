@@ -277,7 +277,8 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
         stats.metrics["bias_correction"] = {name: round(v, 6) for name, v in sizes.items()}
     if result.sensitivity is not None:
         rep = result.sensitivity
-        kept = ", ".join(rep.kept_float) or "none"
+        labels = {node.name: label(node) for node in model.graph}
+        kept = ", ".join(labels.get(name, name) for name in rep.kept_float) or "none"
         stats.notes.append(f"sensitivity: {len(rep.kept_float)} nodes kept float to meet {rep.target} on "
                            f"{rep.samples} calibration samples ({'met' if rep.met else 'NOT met'}; "
                            f"{rep.trials} trials, {rep.seconds:.1f} s): {kept}")

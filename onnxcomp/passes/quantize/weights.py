@@ -88,6 +88,13 @@ class QuantizeWeightsConfig(PassConfig, NodeSelection):
 
 @register
 class QuantizeWeights(CompressionPass):
+    """Weight-only block-wise int4/int8: MatMul/Gemm with a constant weight → com.microsoft
+    MatMulNBits (bias folded in), optionally Gather embeddings → GatherBlockQuantized.
+
+    ``method: rtn`` needs no data; ``gptq`` needs ``--calib`` (refused before any pass runs
+    without it). Activations stay float: the gain is size and memory traffic.
+    """
+
     name = "quantize_weights"
     summary = "weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ; optional embeddings"
     Config = QuantizeWeightsConfig
@@ -120,7 +127,7 @@ class QuantizeWeights(CompressionPass):
             bytes_after += _rewrite_matmul(graph, names, target, quant, cfg)
             method = "gptq" if h is not None else "rtn"
             padded = f" (K padded to {quant.codes.shape[1]})" if quant.codes.shape[1] != target.k else ""
-            stats.touch(f"{target.node.op_type} {target.node.name}: K={target.k} N={target.n} -> MatMulNBits "
+            stats.touch(f"{label(target.node)}: K={target.k} N={target.n} -> MatMulNBits "
                         f"{cfg.bits}-bit/{cfg.block_size}{padded} ({method}), "
                         f"rel. error {errors[target.node.name]:.2e}")
             target._weight = None
