@@ -41,6 +41,7 @@ __all__ = [
     "input_files",
     "weights_digest",
     "model_nbytes",
+    "structure_proto",
     "has_external_tensors",
     "tensor_protos",
     "release_external",
@@ -330,6 +331,30 @@ def model_nbytes(model: ir.Model) -> int:
             if value.const_value is not None:
                 total += value.const_value.nbytes
     return total
+
+
+STRUCTURE_ONLY = "onnxcomp-structure-only"  # the external location structure_proto's tensors point at
+
+
+def structure_proto(model: ir.Model, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """``model`` as a ModelProto whose initializers above ``keep_bytes`` are dangling external
+    references (type and dims only, no data): for shape inference and structure counts without a
+    second copy of the weights. Small constants (shapes, axes) keep their values. ``model`` is
+    unchanged when this returns."""
+    swapped = []
+    try:
+        for graph in _all_graphs(model.graph):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is not None and tensor.nbytes > keep_bytes:
+                    swapped.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(
+                        STRUCTURE_ONLY, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                        name=tensor.name or value.name)
+        return ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 # --- checks ---------------------------------------------------------------------

@@ -42,17 +42,18 @@ _ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention"}  # com.micros
 def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Size (file or serialized), weight bytes, params, nonzero params, MACs, op counts."""
-    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+    from onnxcomp.model import model_nbytes
+    from onnxcomp.runtime import IN_MEMORY_LIMIT
 
     weight_bytes = model_nbytes(model)
     if file_path is not None and Path(file_path).exists():
         from onnxcomp.model import input_files
 
         size = sum(os.path.getsize(f) for f in input_files(file_path) if os.path.isfile(f))
-    elif weight_bytes < PROTOBUF_LIMIT:
+    elif weight_bytes < IN_MEMORY_LIMIT:
         size = ir.serde.serialize_model(model).ByteSize()
     else:
-        size = weight_bytes
+        size = _serialized_size(model)
     params = count_params(model)
     nonzero = nonzero_params(model)
     from onnxcomp.model import release_external
@@ -74,6 +75,31 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
         "ops": dict(sorted(ops.items())),
         "metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("onnxcomp.")},
     }
+
+
+def _serialized_size(model: ir.Model) -> int:
+    """The model's serialized size, to a few bytes per tensor, without serializing its weights."""
+    from onnxcomp.model import STRUCTURE_ONLY, structure_proto, tensor_protos
+
+    proto = structure_proto(model)
+    payload = 0
+    for tensor in tensor_protos(proto):
+        entries = {e.key: e.value for e in tensor.external_data}
+        if entries.get("location") == STRUCTURE_ONLY:
+            length = int(entries["length"])
+            payload += 1 + len(_varint(length)) + length  # raw_data: tag, length, bytes
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+    return proto.ByteSize() + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def mac_input_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, list]:
@@ -118,12 +144,10 @@ def estimate_macs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
     MultiHeadAttention count their projections and the two attention products, as the
     unfused MatMuls do.
     """
-    from onnxcomp.model import PROTOBUF_LIMIT, model_nbytes
+    from onnxcomp.model import structure_proto
 
-    if model_nbytes(model) >= PROTOBUF_LIMIT:
-        return None
     concrete = mac_input_shapes(model, input_shapes)
-    proto = ir.serde.serialize_model(model)
+    proto = structure_proto(model)
     _as_float_ops(proto)
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
