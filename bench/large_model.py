@@ -31,6 +31,8 @@ RECIPES = {
     # no gate: 40 random layers in int4 compound their error (cosine ~0.8); the bench measures memory/time
     "quantize_weights": "passes:\n  - quantize_weights: {bits: 4, block_size: 32}\n",
     "int8-dynamic": "int8-dynamic",
+    "prune": "passes:\n  - prune: {method: l1, amount: 0.5, scope: global}\n",
+    "svd_split": "passes:\n  - svd_split: {method: plain, param_ratio: 0.5, require_speedup: false}\n",
 }
 
 
