@@ -60,10 +60,12 @@ def _runner(cases, target, outcomes, deadline, work):
     @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
-        if time.monotonic() > deadline:
-            return
+        # draw before looking at the clock: a replay (hypothesis shrinking a failure) must draw the
+        # same data, or it reports FlakyStrategyDefinition instead of the failure
         folder = Path(tempfile.mkdtemp(dir=work))
         case = data.draw(cases if cases is not None else ft.cli_cases(folder, heavy=True))
+        if time.monotonic() > deadline:
+            return
         outcomes[target(case, folder)] += 1
 
     return run
