@@ -7,6 +7,10 @@ each node whether it became an int8 kernel (QLinearConv, QGemm, DynamicQuantizeM
 data-movement op now moving int8 data) or still runs as a float op between DequantizeLinear and
 QuantizeLinear.
 
+:func:`float_fusions` is the other half of the contract for transformers: the float fusions
+onnxruntime makes on the original model (attention, LayerNorm, SkipLayerNorm, Gelu, …) must
+still be made on the compressed one (quantize/dequantize nodes in the wrong place break them).
+
 ORT renames nodes when it fuses (``/conv_token_1``), so nodes are matched through the tensors
 they touch: their int8 weights, their DequantizeLinear inputs, their (quantized) outputs.
 """
@@ -22,7 +26,7 @@ import onnx_ir as ir
 from onnxcomp.int8_ops import INT8_KERNELS, QLINEAR_OPS, SHARED_SCALE_OPS
 from onnxcomp.runtime import optimized_graph
 
-__all__ = ["fusion_report", "INT8_KERNELS", "COMPUTE_OPS"]
+__all__ = ["fusion_report", "float_fusions", "FLOAT_FUSIONS", "INT8_KERNELS", "COMPUTE_OPS"]
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulInteger", "ConvInteger", "MatMulNBits"})
 # non-compute ops ORT can run on int8 (QLinear* kernels, int8 data movement, Relu/Clip folded into Q)
@@ -34,6 +38,17 @@ _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _FLOAT_FORMS = {"Conv": {"FusedConv", "ReorderInput"}, "Gemm": {"FusedGemm"},
                 "MatMul": {"FusedMatMul", "Gemm", "FusedGemm"}}
 _LAYOUT_OPS = frozenset({"Transpose", "ReorderOutput"})
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")
+_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+_EMBED_NORMS = ("EmbedLayerNormalization", "QEmbedLayerNormalization")
+# float fusion families: the op types (in onnxruntime's optimized CPU graph) that count as each
+FLOAT_FUSIONS = {
+    "attention": ("Attention", "MultiHeadAttention", "QAttention", "GroupQueryAttention"),
+    "layer_norm": (*_NORMS, *_SKIP_NORMS, *_EMBED_NORMS),  # a normalisation not left as ReduceMean/Pow/Sqrt…
+    "skip_layer_norm": _SKIP_NORMS,  # the residual Add fused into the norm
+    "embed_layer_norm": _EMBED_NORMS,
+    "gelu": ("Gelu", "BiasGelu", "FastGelu", "QuickGelu"),  # not left as Div/Erf/Add/Mul
+}
 
 
 @dataclasses.dataclass
@@ -52,8 +67,11 @@ class _Quantized:
         return self.op in COMPUTE_OPS
 
 
-def fusion_report(model: ir.Model) -> dict[str, Any]:
+def fusion_report(model: ir.Model, original: ir.Model | None = None) -> dict[str, Any]:
     """Per quantized node: int8 kernel or float op, as onnxruntime (CPU, all optimizations) runs it.
+
+    With ``original`` (the float model it was made from), also ``float_fusions``
+    (:func:`float_fusions`: the transformer fusions of the original, and which were lost).
 
     Returns counts, ``fused_ratio`` (fused / quantized Conv, MatMul, Gemm and integer matmuls;
     None when there are none), ``unfused`` nodes with the op they run as, per-node ``nodes``, the
@@ -61,7 +79,8 @@ def fusion_report(model: ir.Model) -> dict[str, Any]:
     DequantizeLinear of an activation.
     """
     quantized = quantized_nodes(model)
-    optimized = _Index(optimized_graph(model).graph)
+    optimized_model = optimized_graph(model)
+    optimized = _Index(optimized_model.graph)
     nodes, unfused = [], []
     for q in quantized:
         kernel, fused = optimized.implementation(q)
@@ -81,7 +100,30 @@ def fusion_report(model: ir.Model) -> dict[str, Any]:
         "int8_kernels": dict(sorted(optimized.kernel_counts().items())),
         "float_ops_reading_dequantized": dict(sorted(optimized.float_readers_of_dq().items())),
         "nodes": nodes,
+        **({"float_fusions": float_fusions(original, optimized_model)} if original is not None else {}),
     }
+
+
+def float_fusions(original: ir.Model, compressed: ir.Model) -> dict[str, Any]:
+    """Does onnxruntime (CPU, all optimizations) fuse the compressed model as it fuses the original?
+
+    Per family of :data:`FLOAT_FUSIONS`: the fused ops in each optimized graph (``original``,
+    ``compressed``; a family with none in either is left out). ``lost`` names each family with fewer
+    fused ops in the compressed graph ("skip_layer_norm: 12 -> 0"): int8 nodes inserted
+    between the parts of a pattern stop ORT from fusing it, and the leftover float ops run
+    slower. A family the compressed model has *more* of (a pass fused it, or cloned a norm) is
+    not lost. Either model may already be ORT's optimized graph (optimizing it again is a no-op).
+    """
+    before, after = _family_counts(optimized_graph(original)), _family_counts(compressed)
+    families = [f for f in FLOAT_FUSIONS if before[f] or after[f]]
+    lost = [f"{f}: {before[f]} -> {after[f]}" for f in families if after[f] < before[f]]
+    return {"original": {f: before[f] for f in families}, "compressed": {f: after[f] for f in families},
+            "lost": lost}
+
+
+def _family_counts(model: ir.Model) -> Counter:
+    ops = Counter(node.op_type for node in model.graph)
+    return Counter({family: sum(ops[op] for op in members) for family, members in FLOAT_FUSIONS.items()})
 
 
 def quantized_nodes(model: ir.Model) -> list[_Quantized]:

@@ -30,6 +30,9 @@ class Gate(BaseModel):
     max_abs_error: float | None = Field(None, ge=0)
     max_kl: float | None = Field(None, ge=0)
     min_fused_ratio: float | None = Field(None, ge=0, le=1, description="int8 kernels / quantized nodes")
+    keep_fusions: bool | None = Field(None, description="true: every float fusion onnxruntime makes on the "
+                                      "original (attention, LayerNorm, SkipLayerNorm, Gelu) is still made on the "
+                                      "compressed model (report quantization.float_fusions)")
     max_size_ratio: float | None = Field(None, gt=0)
     max_latency_ratio: float | None = Field(None, gt=0, description="compressed / original median latency on "
                                             "the CPU running the check (not checked with latency_runs 0)")

@@ -183,10 +183,12 @@ def compress(
         note = slower_note(extra["latency_ratio"], report["compressed"])
         if note:
             report["latency_note"] = note
-    quant = _fusion_report(working)
+    quant = _fusion_report(working, original)
     if quant is not None:
         report["quantization"] = quant
         extra["fused_ratio"] = quant.get("fused_ratio")
+        if "float_fusions" in quant:
+            extra["lost_fusions"] = quant["float_fusions"]["lost"]
     failures, unchecked = check_gate(recipe.gate, fidelity, extra)
     report["gate"] = {
         "checked": bool(recipe.gate.thresholds()),
@@ -284,8 +286,10 @@ def _check(checker, what: str) -> None:
         raise RuntimeError(f"{what} fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
 
 
-def _fusion_report(model: ir.Model) -> dict[str, Any] | None:
-    """Which quantized nodes onnxruntime turns into int8 kernels (None: nothing quantized)."""
+def _fusion_report(model: ir.Model, original: ir.Model) -> dict[str, Any] | None:
+    """Which quantized nodes onnxruntime turns into int8 kernels (None: nothing quantized), and
+    whether the original's float fusions survived (not checked for an original too large to
+    optimize in memory)."""
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits",
                                   "DynamicQuantizeLinear", "GatherBlockQuantized") for n in model.graph)
     if not quantized:
@@ -294,7 +298,8 @@ def _fusion_report(model: ir.Model) -> dict[str, Any] | None:
         from onnxcomp.fusion import fusion_report
     except ImportError:
         return None
-    return fusion_report(model)
+    small = model_nbytes(original) < PROTOBUF_LIMIT and not has_external_tensors(original)
+    return fusion_report(model, original if small else None)
 
 
 def _data_layouts(**sets: Dataset | None) -> dict[str, dict[str, str]]:

@@ -191,7 +191,8 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     A threshold whose metric does not exist for this run (accuracy without labels,
     fused ratio without quantized nodes) is listed as unchecked, not failed. Non-finite
     compressed outputs where the original's are finite always fail, thresholds or not.
-    ``extra`` carries fused_ratio, size_ratio and latency_ratio (None when latency was not measured).
+    ``extra`` carries fused_ratio, size_ratio, latency_ratio (None when latency was not measured) and
+    lost_fusions (the float fusion families onnxruntime no longer makes; None when not checked).
     """
     failures: list[str] = []
     unchecked: list[str] = []
@@ -227,6 +228,12 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     need("min_fused_ratio", fused, gate.min_fused_ratio,
          fused is not None and gate.min_fused_ratio is not None and fused >= gate.min_fused_ratio,
          "no quantized node to check")
+    if gate.keep_fusions:
+        lost = extra.get("lost_fusions")
+        if lost is None:
+            unchecked.append("keep_fusions: not checked, nothing quantized (or the original is too large)")
+        elif lost:
+            failures.append("keep_fusions: onnxruntime no longer fuses " + ", ".join(lost))
     size = extra.get("size_ratio")
     need("max_size_ratio", size, gate.max_size_ratio,
          size is not None and gate.max_size_ratio is not None and size <= gate.max_size_ratio, "")

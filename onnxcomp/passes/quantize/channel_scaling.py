@@ -4,7 +4,8 @@ A layer here is something whose output channel j can be multiplied by a factor f
 editing its constants alone — :class:`LinearLayer` (a :class:`onnxcomp.graph.Layer`:
 Conv/Gemm/MatMul with its bias, Gemm C or a bias Add),
 :class:`NormLayer` (γ and β of a layer normalisation), :class:`ConstMul` (Mul by a
-constant) — and, for linear layers, whose *input* channel i can be absorbed the same way
+constant), :class:`AttentionValue` (a MultiHeadAttention: its output is a per-head weighted
+sum of V's rows, so output channel j scales with V's projection column j and bias) — and, for linear layers, whose *input* channel i can be absorbed the same way
 (the weights reading it multiplied by f_i). Edits accumulate in float64 in
 :class:`WeightEdits` and are written back once as new initializers, so repeated rescaling
 (cross-layer equalization sweeps) neither loses precision nor leaves a trail of tensors.
@@ -27,7 +28,8 @@ from onnxcomp.graph import (
     is_standard,
 )
 
-__all__ = ["LinearLayer", "NormLayer", "ConstMul", "WeightEdits", "STANDARD", "NORMS", "HOMOGENEOUS"]
+__all__ = ["LinearLayer", "NormLayer", "ConstMul", "AttentionValue", "WeightEdits", "STANDARD", "NORMS",
+           "HOMOGENEOUS"]
 
 STANDARD = STANDARD_DOMAINS
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Identity"}  # f(x/s) = f(x)/s for s > 0, in any layout
@@ -146,14 +148,46 @@ class NormLayer:
             edits.multiply_last(self.node, index, factor)
 
     def clone(self, graph: ir.Graph, tag: dict[str, str]) -> NormLayer:
-        """A copy of this norm (same inputs, only the normalised output) inserted right after it."""
+        """A copy of this norm computing the same normalised output, inserted right after it.
+
+        A SkipLayerNormalization is copied as a LayerNormalization (same γ, β, epsilon) of its
+        ``input + skip + bias`` sum (its optional output 3, added when absent; needs ONNX opset
+        >= 17), not as a second SkipLayerNormalization: onnxruntime's CPU LayerNormalization is
+        vectorised, its SkipLayerNormalization is not, so the copy costs a fraction of the norm.
+        Other norms are copied whole (only the normalised output).
+        """
         out, names = self.node.outputs[0], Names(graph)
-        node = ir.Node(self.node.domain, self.node.op_type, list(self.node.inputs),
-                       attributes=list(self.node.attributes.values()), name=names(f"{self.node.name}_smooth"),
-                       outputs=[ir.Value(name=names(f"{out.name}_smooth"), type=out.type, shape=out.shape)],
-                       metadata_props=dict(tag))
+        name = names(f"{self.node.name}_smooth")
+        value = ir.Value(name=names(f"{out.name}_smooth"), type=out.type, shape=out.shape)
+        if self.node.op_type == "SkipLayerNormalization" and graph.opset_imports.get("", 0) >= 17:
+            total = _sum_output(self.node, names)
+            beta = self.node.inputs[3] if len(self.node.inputs) > 3 else None
+            epsilon = self.node.attributes.get_float("epsilon", 1e-12)
+            node = ir.Node("", "LayerNormalization", [total, self.node.inputs[2], *([beta] if beta is not None else [])],
+                           attributes=[ir.AttrFloat32("epsilon", epsilon), ir.AttrInt64("axis", -1)], name=name,
+                           outputs=[value], metadata_props=dict(tag))
+        else:
+            node = ir.Node(self.node.domain, self.node.op_type, list(self.node.inputs),
+                           attributes=list(self.node.attributes.values()), name=name, outputs=[value],
+                           metadata_props=dict(tag))
         graph.insert_after(self.node, node)
         return NormLayer(node)
+
+
+def _sum_output(node: ir.Node, names: Names) -> ir.Value:
+    """A SkipLayerNormalization's output 3 (input + skip + bias), added (named) when absent; the
+    optional outputs 1 and 2 it needs in front stay unnamed (not computed)."""
+    if len(node.outputs) < 4:
+        count = len(node.outputs)
+        node.resize_outputs(4)
+        for value in node.outputs[count:3]:
+            value.name = ""
+    total = node.outputs[3]
+    if not total.name:
+        out = node.outputs[0]
+        total.name = names(f"{out.name}_sum")
+        total.type, total.shape = out.type, out.shape
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +202,45 @@ class ConstMul:
 
     def scale_out(self, edits: WeightEdits, factor: np.ndarray) -> None:
         edits.multiply_last(self.node, _const_index(self.node), factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionValue:
+    """A com.microsoft MultiHeadAttention with separate Q, K, V inputs: its output channel j is
+    head h's weighted sum of V's channel j (weights = softmax(QKᵀ), independent of V), so it
+    scales with the V projection's output column j and the V part of the packed bias (input 3)."""
+
+    node: ir.Node
+    value: LinearLayer
+
+    @staticmethod
+    def of(node: ir.Node, output: ir.Value) -> AttentionValue | str:
+        """``node`` as a rescalable attention, or why it is not one."""
+        where = f"{node.op_type} '{node.name}'"
+        inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+        if output is not node.outputs[0]:
+            return f"X '{output.name}' is not the attention output of {where}"
+        query, key, value = inputs[:3]
+        if key is None or value is None or value is key or value is query:
+            return f"{where} has no separate V input (packed QKV/KV)"
+        if inputs[7] is not None or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            return f"{where} uses a key/value cache"
+        bias = inputs[3]
+        if bias is not None and (constant_array(bias) is None or constant_array(bias).ndim != 1):
+            return f"{where} has a non-constant bias"
+        producer = value.producer()
+        layer = LinearLayer.of(producer) if producer is not None and producer.op_type == "MatMul" else None
+        if not isinstance(layer, LinearLayer) or layer.output is not value or layer.layer.bias() is not None:
+            return f"{where}: V does not come straight from a MatMul with a constant weight"
+        if len(value.uses()) != 1 or value.is_graph_output():
+            return f"{where}: V '{value.name}' has other uses"
+        return AttentionValue(node, layer)
+
+    def scale_out(self, edits: WeightEdits, factor: np.ndarray) -> None:
+        self.value.scale_out(edits, factor)
+        if len(self.node.inputs) > 3 and self.node.inputs[3] is not None:
+            bias = edits.get(self.node, 3)
+            edits.multiply_last(self.node, 3, np.concatenate([np.ones(bias.shape[-1] - factor.size), factor]))
 
 
 class WeightEdits:

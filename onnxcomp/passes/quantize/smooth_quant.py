@@ -5,9 +5,12 @@ For a MatMul/Gemm Y = X·W with a constant W: X_j ← X_j / s_j and row j of W �
 s_j = max|X_j|^α / max|W_j|^(1−α) (max|X_j| over the calibration data, all leading axes).
 MatMuls reading the same X share one s (max|W_j| over all their weights). The 1/s goes into X's
 producer when it can absorb it — a LayerNormalization (γ, β), a MatMul/Gemm with constant
-weight (+ constant bias Add), a Mul by a constant, seen through Relu/LeakyRelu/PRelu — and X
-feeds nothing else that reads values. Otherwise a normalisation is cloned for the MatMul branch
-(``clone_norm``) or ``Mul(X, 1/s)`` is inserted (``insert_mul``); added nodes carry
+weight (+ constant bias Add), a Mul by a constant, a MultiHeadAttention (into its V projection
+and bias: exact, the attention weights do not depend on V), seen through Relu/LeakyRelu/PRelu —
+and X feeds nothing else that reads values. Otherwise a normalisation is cloned for the MatMul
+branch (``clone_norm``; a SkipLayerNormalization's clone is a LayerNormalization of its
+input + skip sum, so onnxruntime's fusions stay as they were) or ``Mul(X, 1/s)`` is inserted
+(``insert_mul``); added nodes carry
 ``metadata_props[SMOOTH_QUANT_TAG]``. ``alpha="auto"`` picks α per X (or no smoothing) by
 simulating int8 (uint8 per-tensor X; per-channel W, 7-bit where quantize_static's
 reduce_range=auto picks it) on a bounded sample of calibration rows.
@@ -37,6 +40,7 @@ from onnxcomp.passes.quantize.channel_scaling import (
     HOMOGENEOUS,
     NORMS,
     STANDARD,
+    AttentionValue,
     ConstMul,
     LinearLayer,
     NormLayer,
@@ -169,7 +173,7 @@ class _SmoothingPlan:
     x: ir.Value
     consumers: list[LinearLayer]
     how: Literal["fold", "clone", "mul"]
-    producer: LinearLayer | NormLayer | ConstMul | None = None
+    producer: LinearLayer | NormLayer | ConstMul | AttentionValue | None = None
 
     def apply(self, graph: ir.Graph, edits: WeightEdits, s: np.ndarray) -> str:
         for consumer in self.consumers:
@@ -181,7 +185,9 @@ class _SmoothingPlan:
             norm = self.producer.clone(graph, {SMOOTH_QUANT_TAG: f"clone of {self.producer.node.name} carrying 1/s"})
             norm.scale_out(edits, 1.0 / s)
             self._feed(norm.node.outputs[0])
-            return f"in a clone of {norm.node.op_type} '{self.producer.node.name}'"
+            original = self.producer.node
+            copy = "" if norm.node.op_type == original.op_type else f" (a {norm.node.op_type} of its sum)"
+            return f"in a clone of {original.op_type} '{original.name}'{copy}"
         dtype = self.x.dtype.numpy() if self.x.dtype is not None else np.float32
         names = Names(graph)
         inverse = add_initializer(graph, names, f"{self.x.name}_smooth_inv", (1.0 / s).astype(dtype))
@@ -235,7 +241,7 @@ def _plan_smoothing(graph: ir.Graph, cfg: SmoothQuantConfig, stats: PassStats) -
     return plans
 
 
-def _absorber(x: ir.Value) -> LinearLayer | NormLayer | ConstMul | str:
+def _absorber(x: ir.Value) -> LinearLayer | NormLayer | ConstMul | AttentionValue | str:
     """What can take a per-channel (last axis) factor on ``x``, seen through Relu & co; else why not."""
     value = x
     while True:
@@ -244,6 +250,8 @@ def _absorber(x: ir.Value) -> LinearLayer | NormLayer | ConstMul | str:
             return f"X '{x.name}' is a graph input"
         if node.op_type in NORMS and node.domain in (*STANDARD, "com.microsoft"):
             return NormLayer.of(node, value)
+        if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft":
+            return AttentionValue.of(node, value)
         if node.domain in STANDARD and node.op_type == "Mul" and ConstMul.of(node):
             return ConstMul.of(node)
         if node.domain in STANDARD and node.op_type in ("MatMul", "Gemm", "Add") and LinearLayer.behind(value):
