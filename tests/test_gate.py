@@ -31,7 +31,7 @@ def _check(key: str, value: float | None, bound: float = 0.5):
 
 
 def test_every_threshold_of_the_gate_is_checked():
-    assert set(KEYS) == set(Gate.model_fields) - {"output", "mask_input"}
+    assert set(KEYS) == set(Gate.model_fields) - {"output", "mask_input", "keep_fusions"}  # keep_fusions: below
     assert set(FIDELITY_KEYS) == {k for k, (where, _, _) in KEYS.items() if where == "fidelity"}
 
 
@@ -48,6 +48,16 @@ def test_threshold_holds_at_its_bound_and_fails_past_it(key):
 def test_missing_metric_is_unchecked_not_failed(key):
     failures, unchecked = _check(key, None)
     assert failures == [] and len(unchecked) == 1 and unchecked[0].startswith(f"{key}: not checked")
+
+
+def test_keep_fusions_fails_on_a_lost_fusion_and_is_unchecked_without_the_check():
+    gate = Gate(keep_fusions=True)
+    assert check_gate(gate, {}, {"lost_fusions": []}) == ([], [])
+    failures, unchecked = check_gate(gate, {}, {"lost_fusions": ["gelu: 2 -> 0", "skip_layer_norm: 12 -> 0"]})
+    assert failures == ["keep_fusions: onnxruntime no longer fuses gelu: 2 -> 0, skip_layer_norm: 12 -> 0"]
+    failures, unchecked = check_gate(gate, {}, {})
+    assert failures == [] and len(unchecked) == 1 and unchecked[0].startswith("keep_fusions: not checked")
+    assert check_gate(Gate(keep_fusions=False), {}, {"lost_fusions": ["gelu: 2 -> 0"]}) == ([], [])
 
 
 def test_unset_thresholds_check_nothing():
