@@ -152,13 +152,20 @@ def _fake_quant(x, scale, zp, lo, hi):
     return (torch.clamp(q, lo, hi) - zp) * scale    # no gradient where clipped
 
 
-def _quantize(g, node, x, scale, zp=None):
+def _broadcast_qparams(node, x, scale, zp):
+    """Scale and zero point of a Quantize/DequantizeLinear shaped to broadcast against ``x`` (per
+    tensor, or along the node's ``axis``)."""
     ndim = x.dim()
     axis = node.attributes.get_int("axis", 1) if scale.numel() > 1 else None
     if axis is not None and axis < 0:
         axis += ndim
     s = scale.float().reshape(_shape(axis, ndim, scale))
     z = torch.zeros(()) if zp is None else zp.float().reshape(_shape(axis, ndim, zp))
+    return s, z
+
+
+def _quantize(g, node, x, scale, zp=None):
+    s, z = _broadcast_qparams(node, x, scale, zp)
     lo, hi = (0, 255) if zp is None or zp.dtype == torch.uint8 else (-128, 127)
     q = x / s + z
     q = q + (torch.round(q) - q).detach()
@@ -170,12 +177,7 @@ def _dequantize(g, node, x, scale, zp=None):
     if name in g.quantized:
         s_np, z_np, axis, lo, hi = g.quantized[name]
         return _fake_quant(x, _t(s_np, axis, x.dim()), _t(z_np, axis, x.dim()), lo, hi)
-    ndim = x.dim()
-    axis = node.attributes.get_int("axis", 1) if scale.numel() > 1 else None
-    if axis is not None and axis < 0:
-        axis += ndim
-    s = scale.float().reshape(_shape(axis, ndim, scale))
-    z = torch.zeros(()) if zp is None else zp.float().reshape(_shape(axis, ndim, zp))
+    s, z = _broadcast_qparams(node, x, scale, zp)
     return (x.float() - z) * s
 
 

@@ -226,9 +226,8 @@ class CpDecompose(_ConvPass):
 @register
 class SpatialSvd(_ConvPass):
     """Conv kh×kw → Conv kh×1 (I→r) → Conv 1×kw (r→O), from the rank-r SVD of the weight unfolded
-    as [(I·kh), (O·kw)] (closed form, no data).
-
-    Only where the pair has fewer parameters than the Conv; skips as ``tucker2`` does.
+    as [(I·kh), (O·kw)] (closed form, no data). A kernel with kh or kw = 1 is already separable
+    and a pair that would not have fewer parameters is not written: both skipped with the reason.
     """
 
     name = "spatial_svd"
@@ -242,12 +241,7 @@ class SpatialSvd(_ConvPass):
             raise ValueError(f"kernel {kh}x{kw} is already separable")
         u, s, vt = np.linalg.svd(conv.w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw), full_matrices=False)
         per_rank = i * kh + o * kw
-        if cfg.rank is not None:
-            r = min(cfg.rank, len(s))
-        elif cfg.energy is not None:
-            r = _energy_rank(s, cfg.energy)
-        else:
-            r = max(1, min(len(s), int(cfg.ratio * conv.w.size / per_rank)))
+        r = _svd_rank(cfg, s, per_rank, conv.w.size)
         root = np.sqrt(s[:r])
         vertical = (u[:, :r] * root).reshape(i, kh, r).transpose(2, 0, 1)[:, :, :, None]  # [r, I, kh, 1]
         horizontal = (root[:, None] * vt[:r]).reshape(r, o, kw).transpose(1, 0, 2)[:, :, None, :]  # [O, r, 1, kw]
@@ -257,9 +251,8 @@ class SpatialSvd(_ConvPass):
 @register
 class DepthwiseSeparable(_ConvPass):
     """Conv kh×kw → depthwise kh×kw (depth multiplier r) → Conv 1×1 (I·r→O), from the rank-r SVD
-    of each input channel's slice of the weight (closed form; exact at r = min(O, kh·kw)).
-
-    Only where the pair has fewer parameters than the Conv; skips as ``tucker2`` does.
+    of each input channel's slice of the weight (closed form; exact at r = min(O, kh·kw)); skipped
+    with the reason where the pair would not have fewer parameters than the Conv.
     """
 
     name = "depthwise_separable"
@@ -272,17 +265,22 @@ class DepthwiseSeparable(_ConvPass):
         k2 = kh * kw
         slices = conv.w.transpose(1, 0, 2, 3).reshape(i, o, k2)  # per input channel: [O, k²]
         u, s, vt = np.linalg.svd(slices, full_matrices=False)  # batched: [I, O, q], [I, q], [I, q, k²]
-        full = s.shape[1]
-        if cfg.rank is not None:
-            r = min(cfg.rank, full)
-        elif cfg.energy is not None:
-            r = _energy_rank(np.sqrt(np.sum(s**2, axis=0)), cfg.energy)
-        else:
-            r = max(1, min(full, int(cfg.ratio * conv.w.size / (i * (k2 + o)))))
+        r = _svd_rank(cfg, np.sqrt(np.sum(s**2, axis=0)), i * (k2 + o), conv.w.size)
         root = np.sqrt(s[:, :r])  # [I, r]
         depthwise = (root[:, :, None] * vt[:, :r]).reshape(i * r, 1, kh, kw)  # out channel i·r + j reads channel i
         pointwise = (u[:, :, :r] * root[:, None, :]).transpose(1, 0, 2).reshape(o, i * r)[:, :, None, None]
         return r, [_Step(depthwise, group=i, axes="hw"), _Step(pointwise)], i * r * (k2 + o)
+
+
+def _svd_rank(cfg: SpatialSvdConfig | DepthwiseSeparableConfig, spectrum: np.ndarray, per_rank: int,
+              size: int) -> int:
+    """The rank ``cfg`` asks for (``rank``, ``energy`` of ``spectrum``, else ``param_ratio`` of ``size``
+    parameters at ``per_rank`` each), at most ``len(spectrum)``."""
+    if cfg.rank is not None:
+        return min(cfg.rank, len(spectrum))
+    if cfg.energy is not None:
+        return _energy_rank(spectrum, cfg.energy)
+    return max(1, min(len(spectrum), int(cfg.ratio * size / per_rank)))
 
 
 # --- decompositions -----------------------------------------------------------------------------

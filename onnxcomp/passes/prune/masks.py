@@ -120,14 +120,19 @@ def _live_channels(mask: np.ndarray, dim: int) -> np.ndarray:
     return np.flatnonzero(np.moveaxis(mask, dim, 0).reshape(mask.shape[dim], -1).any(axis=1))
 
 
-def structured_mask(scores: np.ndarray, mask: np.ndarray, amount: float | int, n: float, dim: int) -> np.ndarray:
-    """``ln_structured(amount, n, dim)`` on top of ``mask``: the live channels with the smallest
-    L\\ ``n`` norms of their scores are pruned whole."""
+def _structured_start(mask: np.ndarray, amount: float | int, dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mask as bool, the live channels along ``dim``, how many of them ``amount`` prunes)."""
     mask = np.asarray(mask, bool)
     if mask.ndim < 2:
         raise ValueError("structured pruning needs a weight of rank >= 2")
     live = _live_channels(mask, dim)
-    k = count_to_prune(amount, live.size)
+    return mask, live, count_to_prune(amount, live.size)
+
+
+def structured_mask(scores: np.ndarray, mask: np.ndarray, amount: float | int, n: float, dim: int) -> np.ndarray:
+    """``ln_structured(amount, n, dim)`` on top of ``mask``: the live channels with the smallest
+    L\\ ``n`` norms of their scores are pruned whole."""
+    mask, live, k = _structured_start(mask, amount, dim)
     if k == 0:
         return mask.copy()
     sub = np.take(scores, live, axis=dim)
@@ -140,11 +145,7 @@ def structured_mask(scores: np.ndarray, mask: np.ndarray, amount: float | int, n
 def random_structured_mask(rng: TorchRandom, mask: np.ndarray, amount: float | int, dim: int) -> np.ndarray:
     """``random_structured(amount, dim)`` on top of ``mask``: a draw per live channel; channels
     whose draw is <= the k-th smallest are pruned (torch's ``kthvalue`` rule, ties included)."""
-    mask = np.asarray(mask, bool)
-    if mask.ndim < 2:
-        raise ValueError("structured pruning needs a weight of rank >= 2")
-    live = _live_channels(mask, dim)
-    k = count_to_prune(amount, live.size)
+    mask, live, k = _structured_start(mask, amount, dim)
     if k == 0:
         return mask.copy()
     draws = rng.rand24(live.size)
@@ -165,22 +166,23 @@ def global_unstructured_masks(scores: list[np.ndarray], masks: list[np.ndarray],
     """``global_unstructured`` with an L1 method: one cut over the still-unpruned entries of all
     weights, concatenated in the given order."""
     flat_scores = np.concatenate([np.abs(np.asarray(s, np.float64)).reshape(-1) for s in scores])
-    flat_mask = np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks])
-    new = unstructured_mask(flat_scores, flat_mask, amount)
-    out, start = [], 0
-    for m in masks:
-        out.append(new[start:start + m.size].reshape(m.shape))
-        start += m.size
-    return out
+    return _split_like(unstructured_mask(flat_scores, _concat_masks(masks), amount), masks)
 
 
 def global_random_masks(rng: TorchRandom, masks: list[np.ndarray], amount: float | int) -> list[np.ndarray]:
     """``global_unstructured`` with ``RandomUnstructured``: one draw per unpruned entry of all weights."""
-    flat_mask = np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks])
-    new = random_unstructured_mask(rng, flat_mask, amount)
+    return _split_like(random_unstructured_mask(rng, _concat_masks(masks), amount), masks)
+
+
+def _concat_masks(masks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks])
+
+
+def _split_like(flat: np.ndarray, masks: list[np.ndarray]) -> list[np.ndarray]:
+    """``flat`` cut back into arrays of the shapes of ``masks`` (concatenated in that order)."""
     out, start = [], 0
     for m in masks:
-        out.append(new[start:start + m.size].reshape(m.shape))
+        out.append(flat[start:start + m.size].reshape(m.shape))
         start += m.size
     return out
 
