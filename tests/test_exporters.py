@@ -254,3 +254,27 @@ def test_corpus_report_is_written_when_every_run_failed(tmp_path):
     corpus_report.write_markdown(out, {"m": rows}, {"m": entry}, ["int8"], args, 60.0)
     text = out.read_text()
     assert "| int8 | 1 | n |" in text and "Boom: bug" in text
+
+
+# ---------------------------------------------------------------- Conv-only under int8-dynamic
+def conv_only_model(path):
+    """Conv -> Relu -> Conv (a keras/tf2onnx feature extractor's shape): no MatMul/Gemm at all."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((8, 1, 3, 3)).astype(np.float32) / 3
+    w2 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) / 8
+    nodes = [h.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = h.make_graph(nodes, "conv_only", [h.make_tensor_value_info("input", T.FLOAT, ["n", 1, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 8, 8, 8])],
+                         [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_conv_only_int8_dynamic_says_why_and_what_to_run(tmp_path):
+    path = conv_only_model(tmp_path / "conv.onnx")
+    result = onnxcomp.compress(path, "int8-dynamic", val=DIGITS / "val.npz", latency_runs=0)
+    quant = next(p for p in result.report["passes"] if p["name"] == "quantize_dynamic")
+    assert not quant["touched"] and len(quant["skipped"]) == 2
+    first = quant["notes"][0]  # the passes table shows the first notes
+    assert "2 Conv" in first and "slower" in first and "'int8'" in first, quant["notes"]

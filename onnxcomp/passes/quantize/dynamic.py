@@ -67,11 +67,17 @@ class QuantizeDynamic(CompressionPass):
         check_opset(model, self.name)
         if self.config.quantize_embeddings:
             merge_tool_stats(stats, quantize_embeddings(model, self.config))
-        for what, why in quantize_dynamic_model(model, self.config):
+        report = quantize_dynamic_model(model, self.config)
+        for what, why in report:
             if why:
                 stats.skip(what, why)
             else:
                 stats.touch(what)
+        convs = sum(1 for what, why in report if why == _CONV_WHY)
+        if convs and not stats.touched:  # the one line a Conv-only model's summary shows first
+            stats.notes.insert(0, f"nothing quantized: the {convs} Conv layers stay float (onnxruntime's dynamic "
+                                  "ConvInteger is slower than the float Conv) and no MatMul/Gemm was eligible; "
+                                  "run the 'int8' recipe (static, calibrated QLinearConv) instead")
         skip_subgraph_nodes(stats, model.graph, ("MatMul", "Gemm", "Conv"),
                             "left float (quantize_dynamic rewrites the main graph only)")
         note_reduce_range(self.config, stats)
@@ -96,9 +102,12 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
     return report
 
 
+_CONV_WHY = "ORT's CPU ConvInteger has no fused kernel (slower than the float Conv): left in float"
+
+
 def _dynamic_ineligible(node: ir.Node, layer: Layer | str | None) -> str | None:
     if node.op_type == "Conv":
-        return "ORT's CPU ConvInteger has no fused kernel (slower than the float Conv): left in float"
+        return _CONV_WHY
     if isinstance(layer, str):
         return layer
     if node.attributes.get_int("transA", 0):
