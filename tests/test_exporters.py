@@ -278,3 +278,52 @@ def test_conv_only_int8_dynamic_says_why_and_what_to_run(tmp_path):
     assert not quant["touched"] and len(quant["skipped"]) == 2
     first = quant["notes"][0]  # the passes table shows the first notes
     assert "2 Conv" in first and "slower" in first and "'int8'" in first, quant["notes"]
+
+
+# ---------------------------------------------------------------- LayerNorm as primitives at an old opset
+def layernorm_model(path, opset=13):
+    """MatMul -> LayerNorm written as primitives (ReduceMean, Sub, Pow, Sqrt, Div, Mul, Add: torch.onnx
+    before opset 17) -> MatMul, at ``opset``: fusing it into LayerNormalization needs opset 17."""
+    rng = np.random.default_rng(2)
+
+    def c(name, array):
+        return nh.from_array(np.asarray(array, np.float32), name)
+
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]),
+             h.make_node("ReduceMean", ["a"], ["mu"], axes=[-1]), h.make_node("Sub", ["a", "mu"], ["d"]),
+             h.make_node("Pow", ["d", "two"], ["d2"]), h.make_node("ReduceMean", ["d2"], ["var"], axes=[-1]),
+             h.make_node("Add", ["var", "eps"], ["ve"]), h.make_node("Sqrt", ["ve"], ["sd"]),
+             h.make_node("Div", ["d", "sd"], ["n"]), h.make_node("Mul", ["n", "gamma"], ["g"]),
+             h.make_node("Add", ["g", "beta"], ["ln"]), h.make_node("MatMul", ["ln", "w2"], ["y"])]
+    inits = [c("w1", rng.standard_normal((16, 32)) / 4), c("w2", rng.standard_normal((32, 8)) / 6), c("two", 2.0),
+             c("eps", 1e-5), c("gamma", 1 + rng.standard_normal(32) / 10), c("beta", rng.standard_normal(32) / 10)]
+    graph = h.make_graph(nodes, "ln", [h.make_tensor_value_info("x", T.FLOAT, ["n", 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 8])], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_layernorm_fusion_on_an_old_opset_gives_a_valid_model(tmp_path):
+    """transformer-int8 on an opset-13 model: the fused LayerNormalization needs opset 17 (was exit 1,
+    'No Op registered for LayerNormalization'): the model is upgraded first (verified), or not fused."""
+    path = layernorm_model(tmp_path / "ln.onnx")
+    x = {"x": np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)}
+    result = onnxcomp.compress(path, "transformer-int8", calib=x, val=x, latency_runs=0)
+    out = result.save(tmp_path / "out.onnx", force=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert cosine(run(path, [x])[0][0], run(out, [x])[0][0]) > 0.99
+
+
+def test_layernorm_left_unfused_when_the_upgrade_fails(tmp_path, monkeypatch):
+    path = layernorm_model(tmp_path / "ln.onnx")
+
+    def refuse(proto, target):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    x = {"x": np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)}
+    result = onnxcomp.compress(path, "transformer-int8", calib=x, val=x, latency_runs=0)
+    fuse = next(p for p in result.report["passes"] if p["name"] == "fuse_transformer")
+    assert any(s["what"] == "LayerNormalization" and "opset 13" in s["why"] for s in fuse["skipped"])
+    out = result.save(tmp_path / "out.onnx", force=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)

@@ -17,6 +17,7 @@ from typing import Literal
 import onnx_ir as ir
 from pydantic import Field, model_validator
 
+from onnxcomp.graph import opset_version
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.proto_roundtrip import adopt_graph, op_counts, run_proto_tool
 
@@ -64,18 +65,24 @@ class FuseTransformer(CompressionPass):
     name = "fuse_transformer"
     summary = "onnxruntime.transformers' BERT fusions (Attention, SkipLayerNorm, Gelu, EmbedLayerNorm)"
     Config = FuseTransformerConfig
+    min_opset = 17  # the fused LayerNormalization is a default-domain op from opset 17 (older: upgraded first)
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         cfg: FuseTransformerConfig = self.config
         heads, hidden, how = self._attention_shape(model)
         stats.metrics.update(num_heads=heads, hidden_size=hidden, heads_from=how)
         before = op_counts(model)
+        layer_norm = cfg.layer_norm
+        if layer_norm and opset_version(model) < 17:  # the verified upgrade failed: LayerNorm stays primitives
+            layer_norm = False
+            stats.skip("LayerNormalization", f"opset {opset_version(model)} < 17 (the upgrade failed): "
+                                             "LayerNorm primitives left unfused")
 
         def optimize(source):
             from onnxruntime.transformers.optimizer import optimize_model
 
             optimized = optimize_model(source, model_type="bert", num_heads=heads, hidden_size=hidden,
-                                       optimization_options=self._fusion_options(),
+                                       optimization_options=self._fusion_options(layer_norm),
                                        opt_level=cfg.opt_level, use_gpu=False)
             return optimized.model, list(optimized.get_fused_operator_statistics())
 
@@ -108,7 +115,7 @@ class FuseTransformer(CompressionPass):
             return 0, 0, f"num_heads={heads} does not divide hidden_size={hidden}: left to onnxruntime.transformers"
         return heads, hidden, "detected" if not (cfg.num_heads or cfg.hidden_size) else "configured + detected"
 
-    def _fusion_options(self):
+    def _fusion_options(self, layer_norm: bool):
         from onnxruntime.transformers.fusion_options import (
             AttentionMaskFormat,
             FusionOptions,
@@ -121,7 +128,7 @@ class FuseTransformer(CompressionPass):
         options.enable_skip_layer_norm = cfg.skip_layer_norm
         options.enable_bias_skip_layer_norm = cfg.bias_skip_layer_norm
         options.enable_embed_layer_norm = cfg.embed_layer_norm
-        options.enable_layer_norm = cfg.layer_norm
+        options.enable_layer_norm = layer_norm
         options.enable_gelu = cfg.gelu
         options.enable_bias_gelu = cfg.bias_gelu
         options.enable_gelu_approximation = cfg.gelu_approximation
