@@ -32,6 +32,7 @@ from onnxcomp.passes.quantize.int8_common import (
     quantize_embeddings,
     record_target,
 )
+from onnxcomp.passes.quantize.lstm import quantize_lstms
 from onnxcomp.qparams import weight_params
 
 __all__ = ["QuantizeDynamic", "QuantizeDynamicConfig", "quantize_dynamic_model"]
@@ -68,6 +69,7 @@ class QuantizeDynamic(CompressionPass):
         if self.config.quantize_embeddings:
             merge_tool_stats(stats, quantize_embeddings(model, self.config))
         report = quantize_dynamic_model(model, self.config)
+        report += quantize_lstms(model, self.config)
         for what, why in report:
             if why:
                 stats.skip(what, why)
@@ -78,7 +80,7 @@ class QuantizeDynamic(CompressionPass):
             stats.notes.insert(0, f"nothing quantized: the {convs} Conv layers stay float (onnxruntime's dynamic "
                                   "ConvInteger is slower than the float Conv) and no MatMul/Gemm was eligible; "
                                   "run the 'int8' recipe (static, calibrated QLinearConv) instead")
-        skip_subgraph_nodes(stats, model.graph, ("MatMul", "Gemm", "Conv"),
+        skip_subgraph_nodes(stats, model.graph, ("MatMul", "Gemm", "Conv", "LSTM"),
                             "left float (quantize_dynamic rewrites the main graph only)")
         note_reduce_range(self.config, stats)
         if stats.touched:

@@ -25,6 +25,7 @@ from onnxcomp.int8_ops import COMPUTE_OPS
 from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register, skip_subgraph_nodes
 from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
+from onnxcomp.passes.quantize.lstm import quantize_lstms
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
@@ -241,8 +242,13 @@ class QuantizeStatic(CompressionPass):
         result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size,
                                        target=self.context.fidelity, seed=self.context.seed)
         _report_static(model, result, cfg, stats)
-        skip_subgraph_nodes(stats, model.graph, COMPUTE_OPS, "left float (calibration sees the main graph's "
-                            "tensors only)")
+        for what, why in quantize_lstms(model, cfg):  # no QDQ form: int8 weights, run-time activation scales
+            if why:
+                stats.skip(what, why)
+            else:
+                stats.touch(f"{what}: DynamicQuantizeLSTM (int8 W and R, activations quantized at run time)")
+        skip_subgraph_nodes(stats, model.graph, (*COMPUTE_OPS, "LSTM"), "left float (calibration sees the main "
+                            "graph's tensors only)")
         stats.metrics["calib_samples"] = len(data)
 
 
