@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,3 +46,11 @@ def test_a_pass_importing_the_validator_fails(tmp_path):
     result = _lint(root)
     assert result.returncode != 0
     assert "onnxcomp.passes.cleanup -> onnxcomp.validate" in result.stdout
+
+
+def test_every_module_sits_in_a_layer():
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    layers = text.split("layers = [", 1)[1].split("]", 1)[0]
+    listed = set(re.findall(r"onnxcomp\.(\w+)", layers))
+    modules = {p.stem for p in (ROOT / "onnxcomp").glob("*.py") if p.stem != "__init__"} | {"passes"}
+    assert modules - listed == set()  # a new module must say where it belongs
