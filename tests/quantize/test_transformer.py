@@ -21,7 +21,7 @@ from onnx import numpy_helper as nh
 from onnxcomp.passes.quantize import plan as qdq_static
 from onnxcomp.pipeline import compress
 
-TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"
+TINY = Path(__file__).resolve().parents[2] / "models" / "tiny_bert"
 ELEMENTWISE_KERNELS = {"QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearWhere", "QLinearConcat"}
 
 

@@ -18,7 +18,7 @@ from onnxcomp.pipeline import compress
 from onnxcomp.registry import get_pass
 from onnxcomp.runtime import open_session
 
-TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"
+TINY = Path(__file__).resolve().parents[2] / "models" / "tiny_bert"
 FUSE = {"multi_head_attention": True, "embed_layer_norm": False}
 
 
