@@ -95,8 +95,11 @@ class Histogram:
             self.range = bound if bound > 0 else 1e-8
         while bound > self.range:
             self._double()
-        counts, _ = np.histogram(flat, bins=self.bins, range=(-self.range, self.range))
-        self.counts += counts
+        # uniform bins over [-range, range] (the last one closed), as np.histogram, by index arithmetic
+        # and bincount (several times faster than np.histogram on large batches)
+        index = ((flat.astype(np.float64) + self.range) * (self.bins / (2.0 * self.range))).astype(np.int64)
+        np.clip(index, 0, self.bins - 1, out=index)
+        self.counts += np.bincount(index, minlength=self.bins)
 
     def _double(self) -> None:
         half = self.bins // 2

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxcomp.errors import OnnxcompError
 
-__all__ = ["Dataset", "InputSpec", "load_data", "resolve_layouts", "check_values", "check_label_range", "model_inputs", "synthetic_data",
+__all__ = ["Dataset", "InputSpec", "load_data", "padding_mask_input", "resolve_layouts", "check_values", "check_label_range", "model_inputs", "synthetic_data",
            "SYNTHETIC_DIM"]
 
 LABEL_KEY = "label"
@@ -55,6 +55,7 @@ class Dataset:
     source: str = "<arrays>"
     fixed_batch: int | None = None  # the model's static batch size, if it has one
     layouts: dict[str, str] = dataclasses.field(default_factory=dict)
+    trim_mask: str | None = None  # set by by_length(): feeds end after the last position this mask marks
 
     def layout(self, name: str) -> str:
         return self.layouts.get(name, BATCH)
@@ -89,7 +90,32 @@ class Dataset:
         for k, v in self.inputs.items():
             layout = self.layout(k)
             feed[k] = v if layout == SHARED else v[start] if layout == SAMPLE else v[start : start + size]
+        if self.trim_mask is not None and not self.feedwise:
+            mask = feed[self.trim_mask]
+            marked = np.flatnonzero(np.any(mask != 0, axis=0))
+            width = int(marked[-1]) + 1 if marked.size else 1
+            for k, v in feed.items():
+                if self.layout(k) == BATCH and v.ndim >= 2 and v.shape[1] == mask.shape[1]:
+                    feed[k] = v[:, :width]
         return feed
+
+    def by_length(self, mask: str) -> Dataset:
+        """The same samples ordered by their number of marked ``mask`` positions (stable), each
+        feed cut after the last sequence position (axis 1) that any of its rows marks: batches
+        of similar lengths without the padding columns none of their rows needs.
+
+        Every batch-layout input whose axis 1 has the mask's length is cut. Meant for models
+        whose outputs at marked positions do not depend on the padding (an attention mask):
+        calibration then sees no activations of padding-only columns and runs far fewer
+        positions. The data must be batch-layout with a rank-2 ``mask``; else returned unchanged.
+        """
+        values = self.inputs.get(mask)
+        if values is None or values.ndim != 2 or self.feedwise or self.layout(mask) != BATCH:
+            return self
+        order = np.argsort(np.count_nonzero(values, axis=1), kind="stable")
+        inputs = {k: v if self.layout(k) == SHARED else v[order] for k, v in self.inputs.items()}
+        labels = None if self.labels is None else self.labels[order]
+        return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts), trim_mask=mask)
 
     def samples_in(self, feed: Mapping[str, np.ndarray]) -> int:
         """How many samples ``feed`` (from :meth:`batches`) holds."""
@@ -110,7 +136,7 @@ class Dataset:
         """The first ``n`` samples."""
         labels = None if self.labels is None else self.labels[:n]
         inputs = {k: v if self.layout(k) == SHARED else v[:n] for k, v in self.inputs.items()}
-        return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts))
+        return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts), self.trim_mask)
 
     def used_labels(self) -> np.ndarray | None:
         """Labels of the samples :meth:`batches` yields."""
@@ -120,6 +146,15 @@ class Dataset:
         if self.fixed_batch and not self.feedwise:
             n -= n % self.fixed_batch
         return self.labels[:n]
+
+
+def padding_mask_input(model: ir.Model) -> str | None:
+    """The model's padding mask input: its one integer (or bool) rank-2 input with "mask" in its
+    name and a dynamic axis 1 (a BERT ``attention_mask`` [batch, seq]); None when none or several."""
+    found = [s.name for s in model_inputs(model) if "mask" in s.name.lower() and s.dims is not None
+             and len(s.dims) == 2 and not isinstance(s.dims[1], int)
+             and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
+    return found[0] if len(found) == 1 else None
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
@@ -96,6 +96,28 @@ class PassContext:
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator that depends only on the seed and ``salt`` (deterministic)."""
         return np.random.default_rng([self.seed, *salt.encode()])
+
+    def progress_bar(self, label: str) -> Callable[[int, int], None] | None:
+        """A ``progress(done, total)`` callback drawing a transient rich progress bar named ``label``
+        when the run shows progress (``onnxcomp run``), else None. One bar per stream of calls:
+        it closes when done reaches total, and the next call opens a new one."""
+        if not self.progress:
+            return None
+        from rich.progress import Progress
+
+        state: dict = {}
+
+        def update(done: int, total: int) -> None:
+            if "bar" not in state:
+                state["bar"] = Progress(transient=True)
+                state["bar"].start()
+                state["task"] = state["bar"].add_task(label, total=total)
+            state["bar"].update(state["task"], completed=done, total=total)
+            if done >= total:
+                state["bar"].stop()
+                state.clear()
+
+        return update
 
     def require_calib(self, pass_name: str) -> Dataset:
         from onnxcomp.errors import OnnxcompError

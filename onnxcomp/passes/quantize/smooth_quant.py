@@ -19,6 +19,7 @@ reduce_range=auto picks it) on a bounded sample of calibration rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -91,7 +92,8 @@ class SmoothQuant(CompressionPass):
     def run(self, model: ir.Model, stats: PassStats) -> None:
         calib = self.context.require_calib(self.name)
         smooth_quant_model(model, calib, self.config, batch_size=self.context.batch_size,
-                           seed=self.context.seed, stats=stats)
+                           seed=self.context.seed, stats=stats,
+                           progress=self.context.progress_bar("smooth_quant: calibrating"))
 
 
 # ------------------------------------------------------------------------ library API
@@ -99,7 +101,7 @@ class SmoothQuant(CompressionPass):
 
 def smooth_quant_model(model: ir.Model, calib: Dataset, config: SmoothQuantConfig | None = None, *,
                        batch_size: int = 32, seed: int = 0, stats: PassStats | None = None,
-                       **options) -> PassStats:
+                       progress: Callable[[int, int], None] | None = None, **options) -> PassStats:
     """SmoothQuant every eligible MatMul/Gemm of ``model`` in place; return what was done.
 
     ``config`` (or its fields as keyword ``options``) as the ``smooth_quant`` pass takes them.
@@ -108,8 +110,8 @@ def smooth_quant_model(model: ir.Model, calib: Dataset, config: SmoothQuantConfi
     added are cloned normalisations or ``Mul`` nodes in front of the smoothed MatMuls,
     tagged ``metadata_props[SMOOTH_QUANT_TAG]`` — leave those in float and quantize their
     output. One calibration run over ``calib``. ``stats.touched`` names each smoothed node,
-    ``stats.skipped`` says why the others were left alone; ``stats.metrics["smoothed"]``
-    lists per input X its MatMuls, how 1/s was absorbed, α, the range of s and max|X|
+    ``stats.skipped`` says why the others were left alone; ``progress(done, total)`` is called
+    per calibration batch. ``stats.metrics["smoothed"]`` lists per input X its MatMuls, how 1/s was absorbed, α, the range of s and max|X|
     before/after (with ``alpha="auto"`` also the simulated int8 relative error).
     """
     cfg = config or SmoothQuantConfig(**options)
@@ -122,7 +124,7 @@ def smooth_quant_model(model: ir.Model, calib: Dataset, config: SmoothQuantConfi
     ranges = {p.x.name: MinMax(axis=-1) for p in plans}
     samples = {p.x.name: RowSample(sample_rows, seed) for p in plans} if alpha == "auto" else {}
     collect(model, calib, {n: [r, *([samples[n]] if samples else [])] for n, r in ranges.items()},
-            batch_size=batch_size)
+            batch_size=batch_size, progress=progress)
     edits = WeightEdits(model.graph)
     done = []
     for plan in plans:
@@ -268,18 +270,21 @@ def _choose_alpha(sample: np.ndarray, lo: np.ndarray, hi: np.ndarray, matrices: 
                   w_max: np.ndarray, min_scale: float, max_scale: float, target: str = "any") -> tuple:
     """(α, s, error without smoothing, error with s) for the α of AUTO_ALPHAS with the least
     simulated int8 error on ``sample``; s is None when none beats no smoothing."""
-    x = np.asarray(sample, np.float64)
+    x = np.asarray(sample, np.float32)  # float32 products: the errors compared are ~1e-3, rounding ~1e-7
+    matrices = [np.asarray(w, np.float32) for w in matrices]
     refs = [x @ w for w in matrices]
+    norms = [max(float(np.sum(np.square(ref, dtype=np.float64))), 1e-30) for ref in refs]
     act = np.maximum(-lo, hi)
 
     def error(s: np.ndarray) -> float:
         """Relative squared error of X·W with X/s per-tensor uint8 and W·s per-channel int8."""
         params = activation_params(float((lo / s).min()), float((hi / s).max()))
-        xq = params.fake_quant(x / s)
+        xq = params.fake_quant(x / s.astype(np.float32)).astype(np.float32)
         total = 0.0
-        for w, ref in zip(matrices, refs):
-            wp, wq = weight_params(w * s[:, None], 1, reduce_range="auto", target=target)
-            total += float(np.sum((xq @ wp.dequantize(wq) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+        for w, ref, norm in zip(matrices, refs, norms):
+            wp, wq = weight_params(w * s[:, None].astype(np.float32), 1, reduce_range="auto", target=target)
+            restored = wq.astype(np.float32) * wp.scale.astype(np.float32)  # symmetric: zero point 0, axis 1
+            total += float(np.sum(np.square(xq @ restored - ref), dtype=np.float64)) / norm
         return total / len(matrices)
 
     base = error(np.ones_like(act))
