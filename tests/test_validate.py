@@ -11,7 +11,7 @@ from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.pipeline import compress
 from onnxcomp.recipe import Gate
-from onnxcomp.validate import compare, select_target
+from onnxcomp.validate import compare, select_target, slower_note
 
 B, S, D = 6, 5, 3  # D != S: the pooled [batch, D] output never looks like the [batch, S] mask
 PAD_ERROR = 10.0  # what the "compressed" model adds at padding positions
@@ -196,3 +196,29 @@ def test_cached_reference_gives_the_same_numbers():
     cached = compare(original, compressed, data, batch_size=2, mask_input="auto",
                      reference=reference_outputs(original, data, batch_size=2))
     assert cached == direct
+
+
+# --- never slower without saying so: the slower-than-original note and the run's latency ratio
+
+INT8 = {"ops": {"QuantizeLinear": 4, "DequantizeLinear": 8, "MatMul": 3}, "macs": 17_000}
+
+
+def test_slower_note_names_cause_and_alternative():
+    assert slower_note(0.9, INT8, saturating=True) is None
+    assert slower_note(None, INT8, saturating=True) is None
+    note = slower_note(1.4, INT8, saturating=True)
+    assert "1.40x" in note and "without VNNI" in note and "tiny" in note and "target: vnni" in note
+    assert "int8-dynamic" in note and "max_latency_ratio" in note
+    big = {"ops": {"com.microsoft.MatMulNBits": 12}, "macs": 10**9}
+    note = slower_note(1.2, big, saturating=False)
+    assert "MatMulNBits" in note and "VNNI" not in note and "tiny" not in note
+
+
+def test_run_reports_the_ratio_and_note(mlp_path, val_path):
+    import onnxcomp
+
+    result = onnxcomp.compress(mlp_path, {"passes": ["cleanup"], "gate": {"max_latency_ratio": 100.0}},
+                               val=val_path, latency_runs=3)
+    ratio = result.report["latency_ratio"]
+    assert ratio > 0 and result.gate_passed
+    assert ("latency_note" in result.report) == (ratio > 1.0)

@@ -1,4 +1,4 @@
-"""data.py and calibrate.py: input checks, batching, and statistics that stream."""
+"""calibrate.py: reducers and collect() stream statistics equal to those of all activations at once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnxcomp.calibrate import ChannelMean, Gram, Histogram, MinMax, collect
-from onnxcomp.data import load_data, synthetic_data
+from onnxcomp.data import load_data
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load_model
 from onnxcomp.runtime import open_session
@@ -15,53 +15,6 @@ from onnxcomp.runtime import open_session
 @pytest.fixture(scope="module")
 def cnn(cnn_path):
     return load_model(cnn_path)
-
-
-def test_load_npz(cnn, val_path):
-    data = load_data(val_path, cnn)
-    assert len(data) == 497 and data.labels.shape == (497,)
-    sizes = [len(b["input"]) for b in data.batches(100)]
-    assert sizes == [100, 100, 100, 100, 97]
-
-
-@pytest.mark.parametrize(
-    "arrays, message",
-    [
-        ({"x": np.zeros((4, 1, 8, 8), np.float32)}, "missing input 'input'"),
-        ({"input": np.zeros((4, 1, 8, 9), np.float32)}, r"shape \[4, 1, 8, 9\].*axis 3"),
-        ({"input": np.zeros((4, 64), np.float32)}, "expects rank 4"),
-        ({"input": np.zeros((4, 1, 8, 8), np.float64)}, "dtype float64"),
-        ({"input": np.zeros((4, 1, 8, 8), np.float32), "extra": np.zeros(4)}, "'extra' is not a model input"),
-        ({"input": np.zeros((4, 1, 8, 8), np.float32), "label": np.zeros(3)}, "'label' has 3 entries"),
-    ],
-)
-def test_data_errors(tmp_path, cnn, arrays, message):
-    path = tmp_path / "d.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(OnnxcompError, match=message):
-        load_data(path, cnn)
-
-
-def test_data_file_not_npz(tmp_path, cnn):
-    path = tmp_path / "d.npz"
-    path.write_bytes(b"garbage")
-    with pytest.raises(OnnxcompError, match="not a readable .npz"):
-        load_data(path, cnn)
-    with pytest.raises(OnnxcompError, match="no such data file"):
-        load_data(tmp_path / "missing.npz", cnn)
-
-
-def test_pickled_npz_refused(tmp_path, cnn):
-    path = tmp_path / "p.npz"
-    np.savez(path, input=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(OnnxcompError, match="not a readable .npz"):
-        load_data(path, cnn)
-
-
-def test_synthetic_data_is_seeded(cnn):
-    a, b = synthetic_data(cnn, 8, seed=3), synthetic_data(cnn, 8, seed=3)
-    assert a.inputs["input"].shape == (8, 1, 8, 8)
-    np.testing.assert_array_equal(a.inputs["input"], b.inputs["input"])
 
 
 def test_collect_matches_full_pass(cnn, calib_path):
@@ -105,3 +58,29 @@ def test_histogram_doubling_keeps_counts_and_order():
 def test_collect_unknown_tensor(cnn, calib_path):
     with pytest.raises(OnnxcompError, match="not in the main graph"):
         collect(cnn, load_data(calib_path, cnn), {"nope": [MinMax()]})
+
+
+def test_histogram_doubling_keeps_counts_and_extremes():
+    hist = Histogram(64)
+    hist.update(np.array([0.3, -0.2], np.float32))
+    hist.update(np.array([2.0, -5.0, 1.0], np.float32))  # range 0.3 -> 9.6 (five doublings)
+    assert hist.range == pytest.approx(9.6) and hist.counts.sum() == 5
+    assert (hist.min, hist.max) == (-5.0, 2.0)
+    edges = hist.edges  # every value still sits in the bin that contains it
+    for v in (0.3, -0.2, 2.0, -5.0, 1.0):
+        i = np.searchsorted(edges, v, side="right") - 1
+        assert hist.counts[i] >= 1
+
+
+def test_gram_multiplies_in_float32_and_sums_in_float64():
+    rng = np.random.default_rng(8)
+    batches = [(rng.standard_normal((5, 70, 48)) * rng.uniform(0.1, 10, 48)).astype(np.float32) for _ in range(4)]
+    gram = Gram(rows=128)  # 350 rows per batch: three float32 partial sums each
+    for batch in batches:
+        gram.update(batch)
+    x = np.concatenate([b.reshape(-1, 48) for b in batches]).astype(np.float64)
+    exact = x.T @ x
+    assert gram.xtx.dtype == np.float64 and gram.count == len(x)
+    np.testing.assert_allclose(gram.xtx, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
+    np.testing.assert_allclose(np.diag(gram.xtx), np.diag(exact), rtol=1e-6)
+    np.testing.assert_allclose(gram.xtx, gram.xtx.T, rtol=0, atol=0)  # symmetric as XᵀX is

@@ -1,4 +1,4 @@
-"""The cleanup pass (exact rewrites) and report measurements (params, MACs, sizes)."""
+"""report.py: parameters, MACs and sizes, float and quantized forms counted alike; inspect and run count the same MACs."""
 
 from __future__ import annotations
 
@@ -7,72 +7,34 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.data import load_data
 from onnxcomp.model import load_model
 from onnxcomp.passes.base import PassContext
-from onnxcomp.passes.cleanup import Cleanup
 from onnxcomp.passes.quantize.weights import QuantizeWeights
 from onnxcomp.pipeline import compress
 from onnxcomp.data import SYNTHETIC_DIM
 from onnxcomp.report import count_params, estimate_macs, model_summary
-from onnxcomp.runtime import open_session
 
 
-def _run(model, x, name="input"):
-    with open_session(model) as session:
-        return session.run(None, {name: x})[0]
+# -- block-quantized weights count as the float weights they encode -------------------------------
 
 
-def test_batchnorm_folded_exactly(cnn_path, val_path):
-    original = load_model(cnn_path)
-    model = original.clone()
-    result = Cleanup({"fold_constants": False})(model)
-    ops = [n.op_type for n in model.graph]
-    assert "BatchNormalization" not in ops and ops.count("Conv") == 2
-    assert sum("folded into Conv" in t for t in result.stats.touched) == 2
-    x = load_data(val_path, original).inputs["input"]
-    np.testing.assert_allclose(_run(model, x), _run(original, x), rtol=1e-5, atol=1e-5)
-    assert [v.name for v in model.graph.outputs] == ["logits"]
+def _quantize_weights(model: ir.Model, **options) -> ir.Model:
+    work = model.clone()
+    QuantizeWeights(options, PassContext())(work)
+    return work
 
 
-def _tf_like_model():
-    """MatMul whose weight is Transpose(Constant) behind an Identity, as TF/JAX exporters emit."""
+def _embed_then_matmul(vocab=50, dim=32, n=16):
+    """Gather(table [vocab, dim], ids [b, s]) -> MatMul(W [dim, n])."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4, 3)).astype(np.float32)
-    nodes = [
-        helper.make_node("Constant", [], ["w_t"], value=numpy_helper.from_array(w.T.copy(), "w_t")),
-        helper.make_node("Transpose", ["w_t"], ["w"], perm=[1, 0]),
-        helper.make_node("Identity", ["x"], ["x_id"]),
-        helper.make_node("MatMul", ["x_id", "w"], ["y0"]),
-        helper.make_node("Identity", ["y0"], ["y"]),
-        helper.make_node("Relu", ["x"], ["dead"]),
-    ]
-    graph = helper.make_graph(nodes, "tf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return ir.serde.deserialize_model(proto), w
-
-
-def test_folds_weight_transpose_and_removes_identity_and_dead_code():
-    model, w = _tf_like_model()
-    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
-    before = _run(model, x, "x")
-    result = Cleanup()(model)
-    assert [n.op_type for n in model.graph] == ["MatMul"]
-    weight = model.graph.node(0).inputs[1]
-    assert weight.is_initializer()
-    np.testing.assert_array_equal(weight.const_value.numpy(), w)
-    np.testing.assert_allclose(_run(model, x, "x"), before, rtol=1e-6)
-    assert [v.name for v in model.graph.outputs] == ["y"]
-    assert result.stats.metrics == {"nodes_before": 6, "nodes_after": 1}
-
-
-def test_cleanup_on_clean_graph_says_nothing_to_do():
-    model, _ = _tf_like_model()
-    Cleanup()(model)
-    result = Cleanup()(model)
-    assert not result.modified and result.stats.notes == ["nothing eligible: no node was changed"]
+    table = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((dim, n)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [table, w])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_params_and_macs_of_cnn(cnn_path):
@@ -100,28 +62,6 @@ def test_macs_scale_with_sequence_dims():
 @pytest.mark.parametrize("name", ["digits_mlp.onnx"])
 def test_param_count_mlp(mlp_path, name):
     assert count_params(load_model(mlp_path)) == 17_226
-
-
-# -- block-quantized weights count as the float weights they encode -------------------------------
-
-
-def _quantize_weights(model: ir.Model, **options) -> ir.Model:
-    work = model.clone()
-    QuantizeWeights(options, PassContext())(work)
-    return work
-
-
-def _embed_then_matmul(vocab=50, dim=32, n=16):
-    """Gather(table [vocab, dim], ids [b, s]) -> MatMul(W [dim, n])."""
-    rng = np.random.default_rng(0)
-    table = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table")
-    w = numpy_helper.from_array(rng.standard_normal((dim, n)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
-         helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")], "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], [table, w])
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False)])
