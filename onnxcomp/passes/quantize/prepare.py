@@ -49,6 +49,12 @@ def value_types(model: ir.Model) -> dict[str, tuple[ir.DataType | None, int | No
     ir_common.ShapeInferencePass()(probe)
     values = {**tensor_values(probe), **probe.graph.initializers}
     found = {name: (v.dtype, len(v.shape) if v.shape is not None else None) for name, v in values.items()}
+    for node in probe.graph:  # a Reshape to a computed shape (paddle2onnx: Shape -> Slice -> Concat) that
+        # inference leaves rankless: its rank is the length of the shape tensor when that is static
+        shape = node.inputs[1].shape if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+        out = node.outputs[0]
+        if shape is not None and len(shape) == 1 and isinstance(shape[0], int) and found.get(out.name, (None, None))[1] is None:
+            found[out.name] = (found.get(out.name, (None, None))[0] or node.inputs[0].dtype, shape[0])
     untyped = [v for v in tensor_values(probe).values() if v.dtype is None and not v.is_graph_output()]
     if untyped:
         probe.graph.outputs.extend(untyped)
