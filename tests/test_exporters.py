@@ -152,10 +152,15 @@ def test_subgraph_weights_left_float_with_a_reason(tmp_path, recipe, pass_name):
     data = subgraph_data()
     result = onnxcomp.compress(path, recipe, calib=data, val=data, latency_runs=0)
     quant = next(p for p in result.report["passes"] if p["name"] == pass_name)
-    assert len(quant["touched"]) == 1 and "MatMul" in quant["touched"][0], "the main graph's MatMul is quantized"
+    assert "MatMul" in quant["touched"][0], "the main graph's MatMul is quantized"
     reasons = {s["what"]: s["why"] for s in quant["skipped"] if "subgraph" in s["why"]}
     inside = sorted(w.split(" (")[0] + " in " + w.split("(")[1].split(" of ")[0] for w in reasons)
-    assert inside == ["MatMul -> e_mm in else_branch", "MatMul -> mm in body"], reasons
+    if recipe == "int8":  # the If's else branch is quantized as its own model; the Loop body is not
+        assert len(quant["touched"]) == 2 and quant["touched"][1].startswith("else_branch of If"), quant["touched"]
+        assert inside == ["MatMul -> mm in body"], reasons
+    else:
+        assert len(quant["touched"]) == 1
+        assert inside == ["MatMul -> e_mm in else_branch", "MatMul -> mm in body"], reasons
     assert all("left float" in why for why in reasons.values())
 
 
@@ -393,3 +398,50 @@ def test_matmul_after_computed_reshape_runs_int8(tmp_path):
     assert result.report["gate"]["passed"], result.report["gate"]
     quant = next(p for p in result.report["passes"] if p["name"] == "quantize_static")
     assert any("-> Gemm" in n for n in quant["notes"]), quant["notes"]
+
+
+# ---------------------------------------------------------------- If at the top (spox silero-vad)
+def if_at_top_model(path):
+    """y = If(sr == 16000, then: Conv -> Relu -> Conv on x, else: a smaller Conv on x): every weight
+    inside the branches (the main graph only compares a 0-d int64 input), as spox writes silero-vad."""
+    rng = np.random.default_rng(7)
+
+    def branch(name, channels):
+        w1 = nh.from_array((rng.standard_normal((channels, 1, 3, 3)) / 3).astype(np.float32), f"{name}_w1")
+        w2 = nh.from_array((rng.standard_normal((4, channels, 3, 3)) / channels).astype(np.float32), f"{name}_w2")
+        nodes = [h.make_node("Conv", ["x", f"{name}_w1"], [f"{name}_c"], pads=[1, 1, 1, 1]),
+                 h.make_node("Relu", [f"{name}_c"], [f"{name}_r"]),
+                 h.make_node("Conv", [f"{name}_r", f"{name}_w2"], [f"{name}_y"], pads=[1, 1, 1, 1])]
+        return h.make_graph(nodes, name, [], [h.make_tensor_value_info(f"{name}_y", T.FLOAT, None)], [w1, w2])
+
+    nodes = [h.make_node("Equal", ["sr", "k16"], ["is16"]),
+             h.make_node("If", ["is16"], ["y"], then_branch=branch("b16", 16), else_branch=branch("b8", 8))]
+    graph = h.make_graph(nodes, "if_top", [h.make_tensor_value_info("x", T.FLOAT, ["n", 1, 8, 8]),
+                                           h.make_tensor_value_info("sr", T.INT64, [])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["n", 4, 8, 8])],
+                         [nh.from_array(np.array(16000, np.int64), "k16")])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_if_branch_taken_by_the_data_is_quantized(tmp_path):
+    """Every weight inside If branches: int8 quantized nothing (12 Convs of silero_vad_spox left float).
+    The branch the calibration feeds take is quantized as its own model; the other says why not."""
+    path = if_at_top_model(tmp_path / "if.onnx")
+    x = np.load(DIGITS / "val.npz")["input"][:96]
+    data = {"x": x, "sr": np.array(16000, np.int64)}
+    result = onnxcomp.compress(path, "int8", calib=data, val=data, latency_runs=0)
+    quant = next(p for p in result.report["passes"] if p["name"] == "quantize_static")
+    assert any(t.startswith("then_branch of If") for t in quant["touched"]), quant["touched"]
+    assert any(s["what"].startswith("else_branch of If") and "no calibration feed" in s["why"]
+               for s in quant["skipped"]), quant["skipped"]
+    out = result.save(tmp_path / "out.onnx", force=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    then = next(n for n in onnx.load(out).graph.node if n.op_type == "If").attribute
+    body = next(a.g for a in then if a.name == "then_branch")
+    assert sum(n.op_type == "DequantizeLinear" for n in body.node) >= 4  # both weights and activations
+    feeds = [{"x": x[i:i + 8], "sr": data["sr"]} for i in range(0, 96, 8)]
+    for ref, new in zip(run(path, feeds), run(out, feeds)):
+        assert cosine(ref[0], new[0]) > 0.99
+    other = [{"x": x[:8], "sr": np.array(8000, np.int64)}]  # the float branch still runs
+    assert cosine(run(path, other)[0][0], run(out, other)[0][0]) > 0.9999

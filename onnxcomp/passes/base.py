@@ -219,10 +219,12 @@ class CompressionPass(ir.passes.InPlacePass):
         raise NotImplementedError
 
 
-def skip_subgraph_nodes(stats: PassStats, graph: ir.Graph, ops: tuple[str, ...], why: str) -> int:
-    """List every node of ``ops`` inside ``graph``'s subgraph bodies as skipped: ``"inside a
-    subgraph: " + why``, named by op, name (or output) and where it sits. Returns how many."""
-    found = subgraph_nodes(graph, ops)
+def skip_subgraph_nodes(stats: PassStats, graph: ir.Graph, ops: tuple[str, ...], why: str,
+                        done: Callable[[ir.Node], bool] | None = None) -> int:
+    """List every node of ``ops`` inside ``graph``'s subgraph bodies (but those ``done`` says the
+    pass handled) as skipped: ``"inside a subgraph: " + why``, named by op, name (or output) and
+    where it sits. Returns how many."""
+    found = [(n, where) for n, where in subgraph_nodes(graph, ops) if done is None or not done(n)]
     for node, where in found:
         name = label(node) if node.name else f"{node.op_type} -> {node.outputs[0].name}"
         stats.skip(f"{name} ({where})", f"inside a subgraph: {why}")

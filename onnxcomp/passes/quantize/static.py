@@ -25,6 +25,7 @@ from onnxcomp.graph import Names, NodeSelection, label
 from onnxcomp.int8_ops import COMPUTE_OPS
 from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register, skip_subgraph_nodes
 from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers
+from onnxcomp.passes.quantize.branches import quantize_if_branches
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.lstm import quantize_lstms
 from onnxcomp.passes.quantize.int8_common import (
@@ -255,8 +256,15 @@ class QuantizeStatic(CompressionPass):
                 stats.skip(what, why)
             else:
                 stats.touch(f"{what}: DynamicQuantizeLSTM (int8 W and R, activations quantized at run time)")
+        branch_cfg = cfg.model_copy(update={"sensitivity": False})
+        touched, skipped = quantize_if_branches(
+            model, data, cfg, lambda m, d: quantize_static_model(m, d, branch_cfg, batch_size=self.context.batch_size,
+                                                                 seed=self.context.seed),
+            batch_size=self.context.batch_size)
+        stats.touched.extend(touched)
+        stats.skipped.extend(skipped)
         skip_subgraph_nodes(stats, model.graph, (*COMPUTE_OPS, "LSTM"), "left float (calibration sees the main "
-                            "graph's tensors only)")
+                            "graph's tensors only, and the If branches its feeds take)", done=_quantized)
         stats.metrics["calib_samples"] = len(data)
 
 
@@ -278,6 +286,12 @@ def _by_length(model: ir.Model, data: Dataset, padding_mask: str | None, stats: 
     stats.metrics["calib_positions"] = {"mask": mask, "full_width": int(full), "after_trim_at_batch_32": int(kept)}
     stats.notes.append(f"calibration batched by '{mask}' length: {kept:,} of {full:,} positions run (batch 32)")
     return trimmed
+
+
+def _quantized(node: ir.Node) -> bool:
+    """A compute node whose weight is dequantized (int8), or an LSTM made DynamicQuantizeLSTM."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return weight is not None and weight.producer() is not None and weight.producer().op_type == "DequantizeLinear"
 
 
 def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticConfig, stats: PassStats) -> None:
