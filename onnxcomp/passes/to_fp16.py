@@ -132,7 +132,7 @@ def _cpu_fp16_report(model: ir.Model, stats: PassStats) -> None:
     stats.notes.append(
         f"CPU: onnxruntime's CPU provider runs {', '.join(sorted(native)) or 'no op of this graph'} in float16; "
         f"the other {sum(upcast.values())} float nodes run in float32 behind {casts} Casts, so on the CPU fp16 "
-        "halves the weights but does not speed up (measured 1.0-1.3x slower); it pays off on GPUs")
+        "halves the weights but does not speed it up; it pays off on GPUs")
 
 
 def _float_values(model: ir.Model) -> Iterator[ir.Value]:

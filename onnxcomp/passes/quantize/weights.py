@@ -18,10 +18,10 @@ are fixed from the original weights first, because MatMulNBits blocks are contig
 onnxruntime 1.32's CPU kernel accepts bits 2, 4 and 8 (this pass offers 4 and 8: 2-bit loses too
 much on our models); GatherBlockQuantized runs on the CPU with uint8 data packed like MatMulNBits'.
 ``accuracy_level=4`` quantizes A to int8 per block and uses integer dot products; 0 dequantizes B and
-computes in float32. Measured on an AVX2 CPU without VNNI (ORT 1.32, 2 threads): at 8 bits the float
-path has no fast kernel (2-15x slower than level 4 for 1-8 rows), at 4 bits level 4 only wins for a
-single row and loses from ~32 rows on (MiniLM batch 1: 1.20x fp32 time at level 0, 1.3-1.4x at 4),
-hence ``auto``. Weight-only int4 saves size and memory traffic; on such CPUs it is not faster than fp32.
+computes in float32. At 8 bits the float path has no fast kernel on x86, and at 4 bits level 4 pays only
+for single rows, hence ``auto`` (0 for 4 bits, 4 for 8 bits; MiniLM timings of both levels in
+bench/minilm/peer_results.md, rows int4 / int4_acc4). Weight-only int4 saves size and memory traffic;
+on CPUs without VNNI it is not faster than fp32.
 """
 
 from __future__ import annotations
