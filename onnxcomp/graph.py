@@ -68,14 +68,15 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def release_mapped(value: ir.Value | None) -> None:
-    """Unmap ``value``'s weight if it is memory-mapped external data (it maps again on next read).
+def release_mapped(value: ir.Value | ir.TensorProtocol | None) -> None:
+    """Unmap ``value``'s weight (or this tensor) if it is memory-mapped external data (it maps
+    again on next read).
 
     A pass calls it after its last read of a large weight, so a model bigger than memory's comfort
     is not held resident while the rest of the pass runs. A no-op for in-memory tensors, and while
     an array of the mapping is still referenced elsewhere.
     """
-    tensor = value.const_value if value is not None else None
+    tensor = value.const_value if isinstance(value, ir.Value) else value
     if isinstance(tensor, ir.ExternalTensor):
         try:
             tensor.release()

@@ -154,6 +154,27 @@ def test_wanda_is_torch_with_activation_importance(mlp):
     np.testing.assert_array_equal(_masks(mlp)["/fc1/Gemm"], _torch_mask(module))
 
 
+def test_global_cut_equals_the_concatenated_reference_with_ties():
+    """The layer-by-layer global cut (bisection, no concatenation) prunes exactly what one
+    unstructured cut over the concatenated scores prunes: ties, earlier masks, int and float amounts."""
+    from onnxcomp.passes.prune.masks import global_unstructured_masks
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        shapes = [tuple(rng.integers(1, 7, size=rng.integers(1, 4))) for _ in range(rng.integers(1, 5))]
+        dtype = np.float32 if trial % 2 else np.float64
+        scores = [rng.integers(0, 5, size=sh).astype(dtype) * (0.5 if trial % 3 else 1.0) for sh in shapes]
+        masks = [rng.random(sh) > 0.3 for sh in shapes]
+        if trial % 5 == 0:  # logical views of transposed storage are not C-contiguous
+            scores, masks = [x.T for x in scores], [m.T for m in masks]
+        total = sum(int(m.sum()) for m in masks)
+        amount = float(rng.random()) if trial % 4 else int(rng.integers(0, total + 1))
+        flat = np.concatenate([np.abs(np.asarray(x, np.float64)).reshape(-1) for x in scores])
+        expected = unstructured_mask(flat, np.concatenate([m.reshape(-1) for m in masks]), amount)
+        got = global_unstructured_masks(scores, masks, amount)
+        np.testing.assert_array_equal(np.concatenate([g.reshape(-1) for g in got]), expected)
+
+
 def test_wanda_global_spends_global_l1_budget_per_layer(mlp):
     """Global wanda: each layer loses exactly what global L1 takes from it; within the layer the
     activation-aware score (torch l1_unstructured with |W|·‖x_j‖ importance) picks the weights."""

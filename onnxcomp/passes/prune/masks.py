@@ -164,9 +164,47 @@ def _drop_channels(mask: np.ndarray, channels: np.ndarray, dim: int) -> np.ndarr
 def global_unstructured_masks(scores: list[np.ndarray], masks: list[np.ndarray], amount: float | int
                               ) -> list[np.ndarray]:
     """``global_unstructured`` with an L1 method: one cut over the still-unpruned entries of all
-    weights, concatenated in the given order."""
-    flat_scores = np.concatenate([np.abs(np.asarray(s, np.float64)).reshape(-1) for s in scores])
-    return _split_like(unstructured_mask(flat_scores, _concat_masks(masks), amount), masks)
+    weights, concatenated in the given order (ties: lowest index of the concatenation first).
+
+    Computed one weight at a time, never concatenated: the cut is found by bisection on the
+    scores' bit patterns (monotonic for non-negative floats), so a model of several GB holds only
+    one layer's temporaries beside its scores and masks.
+    """
+    masks = [np.asarray(m, bool) for m in masks]
+    dtype = np.float32 if all(np.asarray(x).dtype == np.float32 for x in scores) else np.float64
+    scores = [_nonnegative(x, dtype) for x in scores]
+    k = count_to_prune(amount, sum(int(np.count_nonzero(m)) for m in masks))
+    if k == 0:
+        return [m.copy() for m in masks]
+    key = np.uint32 if dtype == np.float32 else np.uint64
+
+    def at_most(bits: int) -> int:  # unpruned entries whose score is <= the float with these bits
+        t = np.array(bits, key).view(dtype)
+        return sum(int(np.count_nonzero((x <= t) & m)) for x, m in zip(scores, masks))
+
+    lo, hi = 0, max(int(np.max(x[m]).view(key)) if m.any() else 0 for x, m in zip(scores, masks))
+    while lo < hi:  # the smallest bit pattern with at least k unpruned scores at or below it
+        mid = (lo + hi) // 2
+        if at_most(mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    cut = np.array(lo, key).view(dtype)
+    quota = k - sum(int(np.count_nonzero((x < cut) & m)) for x, m in zip(scores, masks))
+    out = []
+    for x, m in zip(scores, masks):
+        new = np.ascontiguousarray(m & ~(x < cut))  # C order: the flat indices below are C-order
+        if quota > 0:
+            tied = np.flatnonzero((x == cut) & m)[:quota]
+            new.reshape(-1)[tied] = False
+            quota -= tied.size
+        out.append(new)
+    return out
+
+
+def _nonnegative(x: np.ndarray, dtype) -> np.ndarray:
+    x = np.asarray(x, dtype)
+    return x if not x.size or x.min() >= 0 else np.abs(x)
 
 
 def global_random_masks(rng: TorchRandom, masks: list[np.ndarray], amount: float | int) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.graph import Layer, Names, find_layers
+from onnxcomp.graph import Layer, Names, find_layers, release_mapped
 from onnxcomp.passes.base import CompressionPass, PassStats, register
 from onnxcomp.passes.prune import masks as M
 from onnxcomp.passes.prune import state
@@ -90,6 +90,7 @@ class Prune(CompressionPass):
             remove_channels(model, layers, weights, scores, old_masks, cfg, self._seed(), stats)
             return
         new_masks = self._masks(layers, weights, scores, old_masks, stats)
+        del scores  # a model-sized list: gone before the folded weights are made
         self._land(model, layers, weights, old_masks, new_masks, stats)
 
     # -- which layers ----------------------------------------------------------------------------
@@ -181,14 +182,18 @@ class Prune(CompressionPass):
         persisted = {}
         total = zeros = 0
         folded_values = []
-        for layer, w, old, new in zip(layers, weights, old_masks, new_masks):
+        for i, (layer, old, new) in enumerate(zip(layers, old_masks, new_masks)):
             key = state.layer_key(layer)
             newly = int(old.sum() - new.sum())
             if cfg.apply == "fold":
+                w, weights[i] = weights[i], None  # the last reference: a mapped weight can be unmapped below
+                stored = layer.weight_value.const_value
                 folded = (w * new).astype(w.dtype)
                 if newly or not np.array_equal(folded, w):
                     layer.set_weight(folded, for_all_users=not layer.weight_value.is_graph_output())
-                persisted[key] = (new, folded)
+                persisted[key] = (new, bool(np.array_equal(new, folded != 0)))
+                del w, folded
+                release_mapped(stored)
                 folded_values.append(layer)
             else:
                 state.insert_mask_node(layer, new, names)

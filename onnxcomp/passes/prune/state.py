@@ -62,15 +62,17 @@ def resolve(saved: np.ndarray | tuple | None, weight: np.ndarray) -> np.ndarray 
     return saved if saved.shape == weight.shape else None
 
 
-def save_masks(model: ir.Model, masks: dict[str, tuple[np.ndarray, np.ndarray | None]],
+def save_masks(model: ir.Model, masks: dict[str, tuple[np.ndarray, np.ndarray | bool | None]],
                drop: set[str] = frozenset()) -> None:
-    """Merge ``key -> (mask, folded weight or None)`` into the metadata; keys in ``drop`` are removed."""
+    """Merge ``key -> (mask, folded weight or None)`` into the metadata; keys in ``drop`` are removed.
+    Instead of the folded weight, ``True`` says the mask is exactly its nonzero pattern."""
     text = model.metadata_props.get(METADATA_KEY)
     entries = json.loads(text) if text else {}
     for key in drop:
         entries.pop(key, None)
     for key, (mask, folded) in masks.items():
-        if folded is not None and np.array_equal(mask, folded != 0):
+        nonzero = folded if isinstance(folded, bool) else folded is not None and np.array_equal(mask, folded != 0)
+        if nonzero:
             entries[key] = {"shape": list(mask.shape), "form": "nonzero"}
         else:
             packed = zlib.compress(np.packbits(mask.reshape(-1)).tobytes(), 9)
