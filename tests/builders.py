@@ -17,6 +17,16 @@ from onnxcomp.runtime import open_session
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 DIGITS = MODELS / "digits"
+TINY_BERT = MODELS / "tiny_bert"  # a 2-layer BERT exported like MiniLM (models/tiny_bert/make_tiny_bert.py)
+
+
+def op_types(model: ir.Model) -> set[str]:
+    return {node.op_type for node in model.graph}
+
+
+def pass_stats(result, name: str) -> dict:
+    """The report entry of pass ``name`` in a :func:`onnxcomp.pipeline.compress` result."""
+    return next(p for p in result.report["passes"] if p["name"] == name)
 
 
 def build(nodes, inputs, outputs, inits) -> ir.Model:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import DIGITS, MODELS, ROOT  # noqa: F401  (re-exported for older imports)
+from tests.builders import DIGITS, MODELS, ROOT, TINY_BERT  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,13 @@ def calib_path() -> Path:
 @pytest.fixture(scope="session")
 def val_path() -> Path:
     return DIGITS / "val.npz"
+
+
+@pytest.fixture(scope="session")
+def bert_path() -> Path:
+    return TINY_BERT / "tiny_bert.onnx"
+
+
+@pytest.fixture(scope="session")
+def bert_val() -> Path:
+    return TINY_BERT / "val.npz"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from onnxcomp.model import load_model
@@ -13,27 +11,9 @@ from onnxcomp.passes import proto_roundtrip
 from onnxcomp.passes.fuse_transformer import FuseTransformer, detect_attention_shape
 from onnxcomp.passes.to_fp16 import ToFp16
 from onnxcomp.pipeline import compress
+from tests.builders import op_types, pass_stats
 
-TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"
 FUSED_OPS = {"Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization"}
-
-
-@pytest.fixture(scope="module")
-def bert_path() -> Path:
-    return TINY / "tiny_bert.onnx"
-
-
-@pytest.fixture(scope="module")
-def bert_val() -> Path:
-    return TINY / "val.npz"
-
-
-def _ops(model: ir.Model) -> set[str]:
-    return {node.op_type for node in model.graph}
-
-
-def _stats(result, name: str) -> dict:
-    return next(p for p in result.report["passes"] if p["name"] == name)
 
 
 # ----------------------------------------------------------------------------- fuse_transformer
@@ -41,8 +21,8 @@ def _stats(result, name: str) -> dict:
 
 def test_fuse_tiny_bert_applies_bert_fusions_and_keeps_outputs(bert_path, bert_val):
     result = compress(bert_path, {"passes": ["fuse_transformer"]}, val=bert_val, latency_runs=0)
-    stats = _stats(result, "fuse_transformer")
-    assert FUSED_OPS <= _ops(result.model)
+    stats = pass_stats(result, "fuse_transformer")
+    assert FUSED_OPS <= op_types(result.model)
     assert {n.domain for n in result.model.graph if n.op_type in FUSED_OPS} == {"com.microsoft"}
     assert stats["metrics"]["fusions"] == {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2,
                                            "EmbedLayerNormalization": 1}
@@ -71,7 +51,7 @@ def test_fuse_default_mask_is_exact_with_left_padding(bert_path, bert_val):
 def test_fuse_options_switch_fusions_off(bert_path):
     model = load_model(bert_path)
     FuseTransformer({"attention": False, "bias_gelu": False, "embed_layer_norm": False})(model)
-    ops = _ops(model)
+    ops = op_types(model)
     assert "SkipLayerNormalization" in ops and "Gelu" in ops
     assert not ops & {"Attention", "BiasGelu", "EmbedLayerNormalization"}
 
@@ -79,7 +59,7 @@ def test_fuse_options_switch_fusions_off(bert_path):
 def test_fuse_reports_attention_not_matched_with_wrong_heads(bert_path):
     model = load_model(bert_path)
     result = FuseTransformer({"num_heads": 8, "hidden_size": 64})(model)  # the graph has 4
-    assert "Attention" not in _ops(model) and "SkipLayerNormalization" in _ops(model)
+    assert "Attention" not in op_types(model) and "SkipLayerNormalization" in op_types(model)
     assert [what for what, _ in result.stats.skipped] == ["Attention"]
     assert "num_heads=8" in result.stats.skipped[0][1]
 
@@ -99,7 +79,7 @@ def test_detect_attention_shape(bert_path, cnn_path):
 
 def test_fuse_on_a_cnn_applies_nothing_and_says_so(cnn_path, val_path):
     result = compress(cnn_path, {"passes": ["fuse_transformer"]}, val=val_path, latency_runs=0)
-    stats = _stats(result, "fuse_transformer")
+    stats = pass_stats(result, "fuse_transformer")
     assert stats["touched"] == [] and stats["metrics"]["fusions"] == {}
     assert any("not BERT-like" in note for note in stats["notes"])
     assert [n.op_type for n in result.model.graph] == [n.op_type for n in load_model(cnn_path).graph]
@@ -118,7 +98,7 @@ def test_tools_leave_no_files_in_the_working_folder(bert_path, tmp_path, monkeyp
 def test_large_or_external_models_go_through_a_file(bert_path, bert_val, monkeypatch):
     monkeypatch.setattr(proto_roundtrip, "PROTOBUF_LIMIT", 0)  # as if the model were > 2 GB
     result = compress(bert_path, {"passes": ["fuse_transformer"]}, val=bert_val, latency_runs=0)
-    assert "Attention" in _ops(result.model)
+    assert "Attention" in op_types(result.model)
     assert result.report["fidelity"]["max_abs_error"] <= 1e-4
 
 

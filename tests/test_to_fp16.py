@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import onnx_ir as ir
 import pytest
@@ -10,26 +9,8 @@ import pytest
 from onnxcomp.model import load_model
 from onnxcomp.passes.to_fp16 import ToFp16
 from onnxcomp.pipeline import compress
+from tests.builders import op_types, pass_stats
 
-TINY = Path(__file__).resolve().parent.parent / "models" / "tiny_bert"
-
-
-@pytest.fixture(scope="module")
-def bert_path() -> Path:
-    return TINY / "tiny_bert.onnx"
-
-
-@pytest.fixture(scope="module")
-def bert_val() -> Path:
-    return TINY / "val.npz"
-
-
-def _ops(model: ir.Model) -> set[str]:
-    return {node.op_type for node in model.graph}
-
-
-def _stats(result, name: str) -> dict:
-    return next(p for p in result.report["passes"] if p["name"] == name)
 
 
 def _io_types(model: ir.Model) -> list[ir.DataType]:
@@ -46,7 +27,7 @@ def test_to_fp16_digits_cnn_halves_size_keeps_float32_io_and_accuracy(cnn_path, 
     assert 0.45 <= ratio <= 0.56
     assert _io_types(result.model) == [ir.DataType.FLOAT, ir.DataType.FLOAT]
     assert report["fidelity"]["accuracy_drop"] <= 0.005
-    stats = _stats(result, "to_fp16")
+    stats = pass_stats(result, "to_fp16")
     assert stats["metrics"]["weight_bytes_after"] == stats["metrics"]["weight_bytes_before"] // 2
     assert any(note.startswith("CPU: ") for note in stats["notes"])
     assert "cpu_casts" in stats["metrics"]
@@ -77,7 +58,7 @@ def test_to_fp16_keep_nodes_still_works_with_a_deprecation_warning():
 
 def test_fused_bert_to_fp16_keeps_embeddings_close(bert_path, bert_val):
     result = compress(bert_path, {"passes": ["fuse_transformer", "to_fp16"]}, val=bert_val, latency_runs=0)
-    assert "Attention" in _ops(result.model)
+    assert "Attention" in op_types(result.model)
     assert _io_types(result.model) == [ir.DataType.INT64] * 3 + [ir.DataType.FLOAT] * 2
     assert any(v.dtype == ir.DataType.FLOAT16 for v in result.model.graph.initializers.values())
     assert result.report["fidelity"]["cosine"] >= 0.9999
