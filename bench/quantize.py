@@ -86,6 +86,14 @@ VARIANTS = {
     "ours_transformer_int8": dict(who="ours", models=("minilm",), recipe="transformer-int8",
                                   what="shipped recipe transformer-int8: cleanup, fuse_transformer "
                                        "(MultiHeadAttention), quantize_dynamic"),
+    "ours_transformer_static": dict(who="ours", models=("minilm",), recipe="transformer-int8-static",
+                                    what="shipped recipe transformer-int8-static: cleanup, fuse_transformer "
+                                         "(MultiHeadAttention), quantize_static percentile + smooth_quant auto "
+                                         "folded into constants (no Mul), padding-free calibration; target any "
+                                         "(7-bit weights)"),
+    "ours_transformer_static_vnni": dict(who="ours", models=("minilm",), recipe=None,
+                                         what="transformer-int8-static with target: vnni (full 8-bit weights, "
+                                              "for AVX512-VNNI / AVX-VNNI CPUs)"),
     "ours_smooth_pass": dict(who="ours", models=("minilm",), what=f"smooth_quant pass (alpha auto), then "
                              f"quantize_static {BASE}", recipe=static(pre=[{"smooth_quant": {"alpha": "auto"}}])),
     "ours_bias_corr": dict(who="ours", what=f"quantize_static {BASE} + bias_correction",
@@ -104,6 +112,20 @@ VARIANTS = {
                              recipe={kind: {**static(sensitivity=True), "gate": gate}
                                      for kind, gate in SENSITIVITY_GATE.items()}),
 }
+
+
+def _shipped_with(name: str, **options) -> dict:
+    """A shipped recipe (passes/NAME.yaml) with quantize_static options changed."""
+    import yaml
+    recipe = yaml.safe_load((ROOT / "passes" / f"{name}.yaml").read_text())
+    recipe.pop("description", None)
+    for step in recipe["passes"]:
+        if isinstance(step, dict) and "quantize_static" in step:
+            step["quantize_static"] = {**step["quantize_static"], **options}
+    return recipe
+
+
+VARIANTS["ours_transformer_static_vnni"]["recipe"] = _shipped_with("transformer-int8-static", target="vnni")
 INT8_OPS = set(peer.INT8_OPS) | {"QLinearConv", "ConvInteger"}
 FLOAT_COMPUTE = set(peer.FLOAT_MM_OPS) | {"Conv", "FusedConv"}
 
@@ -293,6 +315,51 @@ def evaluate_child(setup: Setup, model: str, variant: str) -> dict:
             "float_compute": sum(v for k, v in ops.items() if k in FLOAT_COMPUTE), "ops": dict(sorted(ops.items()))}
 
 
+def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
+    """Latency of several saved rows in ONE process, runs round-robin (order reversed every round),
+    after warm-ups: median wall ms and median CPU ms (process_time: all of the session's threads)
+    per row and their ratios to fp32. Under load the wall ratios of rows measured in separate
+    processes drift apart; here every row sees the same load at the same moments."""
+    kind, fp32 = MODELS[model]
+    names = ["fp32", *[v for v in variants if v != "fp32"]]
+    sessions = {v: make_session(setup.model_out(model, v), THREADS) for v in names}
+    if kind == "digits":
+        x = np.load(setup.data(model)[1])["input"]
+        feeds, outputs = [{"input": x[:1]}, {"input": x[:32]}], None
+    else:
+        feeds, outputs = list(peer.latency_feeds()), ["sentence_embedding"]
+    runs = setup.runs[kind]
+    out = {"load": os.getloadavg()[0], "threads": THREADS, "rows": {v: {} for v in names}}
+    for bs, feed, n in zip((1, 32), feeds, runs):
+        for v in names:
+            for _ in range(peer.WARMUP):
+                sessions[v].run(outputs, feed)
+        wall, cpu = {v: [] for v in names}, {v: [] for v in names}
+        for i in range(n):
+            for v in (names if i % 2 else names[::-1]):
+                t, c = time.perf_counter(), time.process_time()
+                sessions[v].run(outputs, feed)
+                wall[v].append(time.perf_counter() - t)
+                cpu[v].append(time.process_time() - c)
+        for v in names:
+            w, c = float(np.median(wall[v])), float(np.median(cpu[v]))
+            out["rows"][v][f"bs{bs}"] = {"ms": w * 1e3, "cpu_ms": c * 1e3, "runs": n,
+                                         "ratio": w / float(np.median(wall["fp32"])),
+                                         "cpu_ratio": c / float(np.median(cpu["fp32"]))}
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def interleaved_table(model: str, result: dict) -> list[str]:
+    out = [f"Interleaved in one process ({result['threads']} intra-op threads, load {result['load']:.1f} -> "
+           f"{result['load_after']:.1f}): median wall ms (×fp32) [median CPU ms ×fp32]\n",
+           "| variant | bs1 | bs32 |", "|---|---|---|"]
+    for v, r in result["rows"].items():
+        cells = [f"{r[b]['ms']:.1f} ({r[b]['ratio']:.2f}) [{r[b]['cpu_ratio']:.2f}]" for b in ("bs1", "bs32")]
+        out.append(f"| {v} | {cells[0]} | {cells[1]} |")
+    return out
+
+
 # ---------------------------------------------------------------- driver
 def run_child(args: list[str]) -> tuple[dict | None, str, float, float]:
     """This script with args in a subprocess whose cwd is a fresh temporary folder.
@@ -415,7 +482,8 @@ def recipe_text(recipe) -> str:
     return "<br>".join(f"{kind}: `{json.dumps(r)}`" for kind, r in recipe.items())
 
 
-def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: float) -> None:
+def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: float,
+                   interleaved: dict | None = None) -> None:
     import onnxruntime as ort
     cmds = sorted({r["cmd"] for rows in all_rows.values() for r in rows.values()}, key=len)
     runs = "; ".join(f"{k} {a} (bs1) / {b} (bs32)" for k, (a, b) in setup.runs.items())
@@ -453,8 +521,8 @@ def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: flo
         "(ORT's default op list gives cosine 0.36, MatMul-only with quantized outputs 0.934). ORT's Entropy "
         "at its defaults (128 bins = 128 quantized bins) equals MinMax.",
         "- Our rows: onnxcomp.pipeline.compress(model, recipe, calib=, val=, latency_runs=0), saved with "
-        "force=True; recipes below. reduce_range is 'auto' (7-bit weights on this AVX2-without-VNNI CPU), "
-        "ORT's default is 8-bit.\n",
+        "force=True; recipes below. Our weights are 7-bit (target any, reduce_range auto) unless a row says "
+        "target vnni; ORT's default is 8-bit.\n",
         "| variant | by | what | recipe (ours) |", "|---|---|---|---|",
     ]
     for v, spec in VARIANTS.items():
@@ -462,7 +530,10 @@ def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: flo
         scope = f" ({', '.join(spec['models'])} only)" if "models" in spec else ""
         md.append(f"| {v} | {spec['who']} | {spec['what']}{scope} | {rec_txt} |")
     for model, rows in all_rows.items():
-        md += ["", f"## {model}\n", *table(model, rows), "", *details(model, rows)]
+        md += ["", f"## {model}\n", *table(model, rows), ""]
+        if interleaved and model in interleaved:
+            md += [*interleaved_table(model, interleaved[model]), ""]
+        md += details(model, rows)
     md += ["", "## Op histogram of ORT's optimized graph\n"]
     for model, rows in all_rows.items():
         for v, r in rows.items():
@@ -618,13 +689,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="markdown table (default bench/quantize_results.md; --quick: cache)")
     ap.add_argument("--plot", type=Path, help="PNG (default docs/quantize_tradeoffs.png; --quick: cache)")
     ap.add_argument("--_quantize", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="also time every measured row of a model round-robin in one process (table per model)")
     ap.add_argument("--_evaluate", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_interleaved", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     setup = Setup(a.quick)
     if a._quantize:
         return print(json.dumps(quantize_child(setup, *a._quantize)))
     if a._evaluate:
         return print(json.dumps(evaluate_child(setup, *a._evaluate)))
+    if a._interleaved:
+        return print(json.dumps(interleaved_child(setup, a._interleaved[0], a._interleaved[1].split(","))))
+    print(f"machine: {peer.cpu_info()}; load {os.getloadavg()[0]:.1f}", flush=True)
 
     models = a.models.split(",")
     only = a.only.split(",") if a.only else list(VARIANTS)
@@ -656,8 +733,18 @@ def main() -> None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(row, indent=1, sort_keys=True))
             print(f"[{time.perf_counter() - start:5.0f}s] {model} {variant}: " + summary(row), flush=True)
+    inter = {}
+    if a.interleaved:
+        for model, rows in all_rows.items():
+            measured = [v for v, r in rows.items() if "latency" in r]
+            res, tail, _, _ = run_child(["--_interleaved", model, ",".join(measured), *(["--quick"] if a.quick else [])])
+            if res is None:
+                print(f"{model}: interleaved timing failed: {tail}")
+                continue
+            inter[model] = res
+            print(f"\n## {model} interleaved\n" + "\n".join(interleaved_table(model, res)), flush=True)
     wall = time.perf_counter() - start
-    write_markdown(out, cmd, setup, all_rows, wall)
+    write_markdown(out, cmd, setup, all_rows, wall, inter)
     plot(png, all_rows)
     for model, rows in all_rows.items():
         print(f"\n## {model}\n" + "\n".join(table(model, rows)))

@@ -12,6 +12,8 @@ Asymmetric blocks map ``[min(w, 0), max(w, 0)]`` onto the codes.
   column's rounding error is spread over the columns not yet quantized, through the upper Cholesky
   factor of the damped inverse Hessian ``H = XᵀX / n`` of the layer's inputs; updates are applied
   lazily in batches of 128 columns. ``act_order`` visits columns by decreasing ``diag(H)``.
+- :func:`gptq_round`: the same error feedback with fixed per-row scales and symmetric signed codes
+  (zero point 0): per-channel int8 weights of a QDQ graph.
 - :func:`pack_bits`: codes -> bytes in the MatMulNBits layout (first code in the lowest bits).
 """
 
@@ -24,7 +26,7 @@ import scipy.linalg
 
 from onnxcomp.qparams import shrink_search
 
-__all__ = ["BlockQuant", "quantize_rtn", "quantize_gptq", "block_params", "pack_bits", "relative_error"]
+__all__ = ["BlockQuant", "quantize_rtn", "quantize_gptq", "gptq_round", "block_params", "pack_bits", "relative_error"]
 
 _RTN_CHUNK = 1 << 22  # weights quantized at once by quantize_rtn (float64 temporaries of 32 MB each)
 _GPTQ_LAZY_COLUMNS = 128  # columns updated together (a multiple of every allowed block size)
@@ -117,6 +119,39 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     padded[:, :k] = codes.T
     padded[:, k:] = zp[-1][:, None]
     return BlockQuant(padded, scale.T.astype(dtype), np.ascontiguousarray(zp.T), bits, block_size, k)
+
+
+def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmax: int, *,
+               damp: float = 0.01) -> np.ndarray:
+    """Signed codes ``q [N, K]`` in ``[-qmax, qmax]`` for ``w [N, K]`` with the fixed per-row
+    ``scale [N]`` (zero point 0; ``w ≈ q · scale``), chosen by GPTQ's error feedback instead of
+    rounding each weight to nearest: column k is rounded, and its error, divided by the inverse
+    Hessian's diagonal, is spread over the columns not yet rounded (``H = XᵀX / n`` of the layer's
+    inputs, ``[K, K]``; damped by ``damp`` × its mean diagonal; unseen inputs get a unit diagonal).
+    Reduces ``tr(ΔW H ΔWᵀ)``, the layer's output error on the calibration inputs, not ``|ΔW|``.
+    Deterministic for the same inputs.
+    """
+    n, k = w.shape
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    hinv = _upper_cholesky_of_inverse(h)
+    step = np.asarray(scale, np.float64)
+    step = np.where(step > 0, step, 1.0)
+    wt = np.array(w, np.float64).T  # [K, N]: row i is input column i
+    codes = np.zeros((k, n), np.int8)
+    for start in range(0, k, _GPTQ_LAZY_COLUMNS):
+        stop = min(start + _GPTQ_LAZY_COLUMNS, k)
+        errors = np.zeros((stop - start, n))
+        for i in range(start, stop):
+            q = np.clip(np.round(wt[i] / step), -qmax, qmax)
+            codes[i] = q
+            err = (wt[i] - q * step) / hinv[i, i]
+            wt[i:stop] -= hinv[i, i:stop, None] * err
+            errors[i - start] = err
+        wt[stop:] -= hinv[start:stop, stop:].T @ errors
+    return np.ascontiguousarray(codes.T)
 
 
 def block_params(blocks: np.ndarray, bits: int, symmetric: bool, dtype=np.float32, *,

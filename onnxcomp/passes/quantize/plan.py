@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.calibrate import Histogram, MinMax, collect
+from onnxcomp.calibrate import Gram, Histogram, MinMax, collect
 from onnxcomp.data import Dataset
 from onnxcomp.graph import NodeSelection, constant_array, label, opset_version
 from onnxcomp.int8_ops import COMPUTE_OPS, QLINEAR_OPS, SHARED_SCALE_OPS
@@ -51,9 +51,10 @@ from onnxcomp.ranges import tensor_range
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
-__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "plan_ranges", "unquantizable", "data_inputs"]
+__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "gptq_inputs", "GRAM", "plan_ranges", "unquantizable", "data_inputs"]
 
 _UNIT_RANGE_OUTPUTS = ("Softmax", "Sigmoid")
+GRAM = "gram:"  # calibrate_plan's key prefix for the XᵀX of a tensor (GPTQ weight rounding)
 # a constant table (embedding) read by a quantized Gather is stored with one per-tensor scale:
 # allowed quantization error of its median row, relative to the row's norm (see _coarse_table)
 TABLE_MAX_ERROR = 0.02
@@ -132,12 +133,28 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
 
 
 def calibrate_plan(model: ir.Model, plan: StaticPlan, data: Dataset, options: QuantizeStaticConfig,
-                   *, batch_size: int = 32, progress=None) -> dict[str, Histogram | MinMax]:
-    """Stream ``data`` through the float ``model`` once: one reducer per tensor needing a range."""
+                   *, batch_size: int = 32, progress=None, grams: list[str] = ()) -> dict[str, Histogram | MinMax | Gram]:
+    """Stream ``data`` through the float ``model`` once: one reducer per tensor needing a range, and
+    a :class:`~onnxcomp.calibrate.Gram` (XᵀX) per tensor of ``grams``, returned under ``GRAM + name``."""
     wanted = [t for t in plan.roots() if t not in plan.constants]
     reducers = {t: [MinMax() if options.method == "minmax" else Histogram(options.histogram_bins)] for t in wanted}
+    found = {}
+    for tensor in grams:
+        found[GRAM + tensor] = Gram()
+        reducers.setdefault(tensor, []).append(found[GRAM + tensor])
     collect(model, data, reducers, batch_size=batch_size, progress=progress)
-    return {t: r[0] for t, r in reducers.items()}
+    return {**{t: reducers[t][0] for t in wanted}, **found}
+
+
+def gptq_inputs(plan: StaticPlan) -> list[str]:
+    """The activation tensors whose XᵀX GPTQ rounding needs: inputs of quantized MatMuls with a
+    constant 2-D weight."""
+    found = []
+    for node, role in plan.roles.items():
+        weight = constant_array(node.inputs[1]) if role == "compute" and node.op_type == "MatMul" else None
+        if weight is not None and weight.ndim == 2 and node.inputs[0].name not in found:
+            found.append(node.inputs[0].name)
+    return found
 
 
 def plan_ranges(model: ir.Model, plan: StaticPlan, stats: dict[str, Histogram | MinMax],

@@ -6,6 +6,7 @@ for which nodes and why).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,8 @@ from onnxcomp.passes.quantize.qdq import (
     dequantized_constant,
     quantize_linear,
 )
-from onnxcomp.qparams import QParams, activation_params, bias_params, weight_params
+from onnxcomp.blockquant import gptq_round
+from onnxcomp.qparams import QParams, activation_params, bias_params, weight_params, weight_reduce_range
 
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize.static import QuantizeStaticConfig
@@ -29,8 +31,13 @@ __all__ = ["apply_static"]
 
 
 def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
-                 options: QuantizeStaticConfig) -> dict[str, QParams]:
-    """Rewrite ``model`` as planned; return the activation parameters of every quantized tensor."""
+                 options: QuantizeStaticConfig, hessians: Mapping[str, np.ndarray] | None = None) -> dict[str, QParams]:
+    """Rewrite ``model`` as planned; return the activation parameters of every quantized tensor.
+
+    ``hessians``: input tensor name -> XᵀX / n; the int8 weights of a MatMul reading such a tensor
+    are rounded by GPTQ (:func:`onnxcomp.blockquant.gptq_round`) instead of to nearest (same scales).
+    """
+    hessians = hessians or {}
     graph = model.graph
     for act in plan.folded:
         _fold_activation(graph, act)
@@ -48,7 +55,8 @@ def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[floa
 
     for node, role in plan.roles.items():
         if role == "compute" and node.inputs[1].const_value is not None:
-            _quantize_weights(graph, names, node, params[node.inputs[0].name], options)
+            _quantize_weights(graph, names, node, params[node.inputs[0].name], options,
+                              hessians.get(node.inputs[0].name))
     values = {**tensor_values(model), **graph.initializers}
     for tensor in plan.tensors:
         value = values[tensor]
@@ -81,12 +89,18 @@ def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | 
     return layer.storage_out_axis
 
 
-def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options) -> None:
-    """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear."""
+def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options,
+                      hessian: np.ndarray | None = None) -> None:
+    """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear (a MatMul
+    weight [K, N] with its input's ``hessian`` [K, K]: GPTQ-rounded with the same scales)."""
     weight = node.inputs[1]
     array = weight.const_value.numpy()
-    wp, wq = weight_params(array, _weight_axis(node, array, options.per_channel),
-                           method=options.weight_method, reduce_range=options.reduce_range, target=options.target)
+    axis = _weight_axis(node, array, options.per_channel)
+    wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=options.reduce_range,
+                           target=options.target)
+    if hessian is not None and node.op_type == "MatMul" and array.ndim == 2 and axis == 1:
+        qmax = 63 if weight_reduce_range(options.reduce_range, options.target) else 127
+        wq = gptq_round(array.T, hessian, wp.scale, qmax).T
     node.replace_input_with(1, dequantized_constant(graph, names, weight.name, wq, wp, node))
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None:

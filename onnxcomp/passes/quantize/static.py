@@ -39,7 +39,9 @@ from onnxcomp.passes.quantize.int8_common import (
     record_target,
 )
 from onnxcomp.passes.quantize.plan import (
+    GRAM,
     StaticPlan,
+    gptq_inputs,
     calibrate_plan,
     plan_ranges,
     plan_static,
@@ -78,6 +80,10 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
     percentile: float = Field(99.999, gt=50, le=100, description="kept fraction (%) for method=percentile")
     weight_method: Literal["minmax", "mse"] = Field(
         "minmax", description="weight clipping per channel: max |w|, or the clip minimising squared error")
+    weight_rounding: Literal["nearest", "gptq"] = Field(
+        "nearest", description="int8 MatMul weights (per channel, same scales) rounded to nearest, or by GPTQ: each "
+                               "input row's rounding error compensated in the rows not yet rounded through XᵀX of "
+                               "the MatMul's calibration inputs (collected in the same calibration pass)")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description=_ACTIVATION_TYPE_HELP)
     target: Literal["any", "vnni", "arm64"] = Field("any", description=TARGET_HELP)
@@ -143,6 +149,7 @@ class StaticResult:
     tools: list[PassStats] = dataclasses.field(default_factory=list)  # equalize / smooth_quant before quantizing
     bias: tuple[list[str], list[tuple[str, str]], dict[str, float]] | None = None  # bias_correct's result
     sensitivity: SensitivityReport | None = None
+    gptq_rounded: list[str] = dataclasses.field(default_factory=list)  # MatMuls whose weights GPTQ rounded
 
 
 def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, *,
@@ -197,16 +204,22 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
     while True:  # nodes touching a tensor with an absurd range (a mask) go back to float, then re-plan
         plan = plan_static(model, config, kept_float)
         missing = StaticPlan(tensors=[t for t in plan.roots() if t not in stats and t not in plan.constants])
-        if missing.tensors:
-            stats.update(calibrate_plan(model, missing, data, config, batch_size=batch_size, progress=progress))
+        grams = [t for t in gptq_inputs(plan) if GRAM + t not in stats] if config.weight_rounding == "gptq" else []
+        if missing.tensors or grams:
+            stats.update(calibrate_plan(model, missing, data, config, batch_size=batch_size, progress=progress,
+                                        grams=grams))
         ranges = plan_ranges(model, plan, stats, config)
         more = unquantizable(plan, ranges, config.max_range)
         if not more:
             break
         kept_float.update(more)
     layers = float_layers(plan) if config.bias_correction else None
-    params = apply_static(model, plan, ranges, config)
-    result = StaticResult(plan, stats, ranges, params, rewrites)
+    hessians = {t: stats[GRAM + t].xtx / max(stats[GRAM + t].count, 1) for t in gptq_inputs(plan)
+                if GRAM + t in stats} if config.weight_rounding == "gptq" else None
+    rounded = [n.name for n, role in plan.roles.items()
+               if role == "compute" and n.op_type == "MatMul" and n.inputs[0].name in (hessians or {})]
+    params = apply_static(model, plan, ranges, config, hessians)
+    result = StaticResult(plan, stats, ranges, params, rewrites, gptq_rounded=rounded)
     if layers:
         result.bias = bias_correct(model, layers, data, batch_size=batch_size)
     return result
@@ -311,6 +324,10 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
     if boundary:
         stats.notes.append("float ops reading dequantized tensors (no int8 CPU kernel, or excluded): " +
                            ", ".join(f"{op} x{n}" for op, n in sorted(boundary.items())))
+    if cfg.weight_rounding == "gptq":
+        stats.notes.append(f"weight rounding gptq: {len(result.gptq_rounded)} MatMul weights rounded with XᵀX "
+                           "error feedback")
+        stats.metrics["gptq_rounded"] = len(result.gptq_rounded)
     note_reduce_range(cfg, stats)
     if stats.touched:
         record_target(model, cfg)
