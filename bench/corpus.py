@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -380,6 +379,9 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime.quantization rows")
     parser.add_argument("--out", default=str(HERE / "corpus_results.md"), help="the results table (markdown)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the table from the rows every model's last run saved (no runs); models "
+                             "run separately with --models end up in one table")
     parser.add_argument("--_ort", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--_eval", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -396,6 +398,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown model or recipe: {', '.join(unknown)} (models: {', '.join(entries)}; "
                          f"recipes: {', '.join(recipes())})")
+    if args.report_only:
+        return report_only(args, chosen, entries, names)
     start = time.time()
     results = {}
     for model_id in chosen:
@@ -405,6 +409,23 @@ def main() -> None:
         (CACHE / "runs" / model_id / "rows.json").write_text(json.dumps(results[model_id], indent=1, default=str))
         from corpus_report import write_markdown
         write_markdown(Path(args.out), results, entries, names, args, time.time() - start)
+    print(f"wrote {args.out}")
+
+
+def report_only(args, chosen: list[str], entries: dict, names: list[str]) -> None:
+    """The table from each model's saved rows (CACHE/runs/ID/rows.json), in the corpus order."""
+    from corpus_report import write_markdown
+    results, missing = {}, []
+    for model_id in chosen:
+        saved = CACHE / "runs" / model_id / "rows.json"
+        if saved.exists():
+            results[model_id] = json.loads(saved.read_text())
+        else:
+            missing.append(model_id)
+    if missing:
+        print(f"no saved rows for: {', '.join(missing)} (run them first)")
+    wall = sum(r.get("wall_s", 0) for rows in results.values() for r in rows.values())
+    write_markdown(Path(args.out), results, entries, names, args, wall)
     print(f"wrote {args.out}")
 
 

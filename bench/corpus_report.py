@@ -50,7 +50,7 @@ def good_int8(row: dict) -> bool:
 def write_markdown(path: Path, results: dict, entries: dict, names: list[str], args, wall: float) -> None:
     lines = ["# Corpus: every recipe on third-party ONNX models", "",
              f"`python bench/corpus.py{_args_text(args)}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{wall / 60:.0f} min. CPU: {_cpu()}; {os.cpu_count()} cores, shared with other jobs (latency ratios "
+             f"{wall / 60:.0f} min{' (sum of the per-model runs, table rebuilt from their saved rows)' if getattr(args, 'report_only', False) else ''}. CPU: {_cpu()}; {os.cpu_count()} cores, shared with other jobs (latency ratios "
              f"are paired medians, 1 intra-op thread, every variant interleaved round by round in one process; "
              f"treat ±10 % as noise). onnxruntime {_version('onnxruntime')}, onnx {_version('onnx')}.", "",
              "Columns: **exit** of `onnxcomp run … --force` (`3 (gate; --force)`: the recipe's gate failed, the "
@@ -62,6 +62,11 @@ def write_markdown(path: Path, results: dict, entries: dict, names: list[str], a
              "runs / float ops reading dequantized tensors (onnxcomp.fusion); **skipped** = layers a pass left "
              "alone (count, most common reason); **s**, **MB** = wall time and peak RSS of the whole run "
              "(onnxcomp: load + passes + validation on val; ORT: pre-process + quantize).", ""]
+    for rows in results.values():  # size ratios first: the summary's target reads them
+        fp = rows.get("fp32", {})
+        for r in rows.values():
+            if "size" in r and fp.get("size"):
+                r["size_ratio"] = r["size"] / fp["size"]
     lines += summary(results, names)
     for model_id, rows in results.items():
         e = entries[model_id]
@@ -75,8 +80,6 @@ def write_markdown(path: Path, results: dict, entries: dict, names: list[str], a
             if name not in rows:
                 continue
             r = rows[name]
-            if "size" in r and fp.get("size"):
-                r["size_ratio"] = r["size"] / fp["size"]
             ok = "/".join("y" if r.get(k) else "n" for k in ("written", "valid", "loads")) if r.get("written") else "n"
             msg = r.get("message", "") if not r.get("written") or r.get("exit") else "; ".join(r.get("notes", [])[:1])
             k = f"{r['int8_kernels']} / {r['float_between_qdq']}" if "int8_kernels" in r else ""
