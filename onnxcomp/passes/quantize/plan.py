@@ -105,6 +105,8 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
             continue
         unselected = options.why_not(node, _params(node) if role == "compute" else None)
         why = unselected or exclude.get(node) or _ineligible(node, role, types)
+        if why is None and role == "compute":
+            why = _costs_more(node, options.per_channel)
         if why and (role == "compute" or unselected or node in exclude):
             plan.skipped.append((label(node), why))
         if why:
@@ -263,6 +265,32 @@ def _ineligible(node: ir.Node, role: str, types) -> str | None:
     bias = node.inputs[2] if op in ("Conv", "Gemm") and len(node.inputs) > 2 else None
     if bias is not None and (constant_array(bias) is None or constant_array(bias).ndim != 1):
         return "the bias is not a constant vector (run cleanup first)"
+    return None
+
+
+def _costs_more(node: ir.Node, per_channel: bool) -> str | None:
+    """Why quantizing a compute node's constant weight would not make the model smaller, or None.
+
+    Its weight is also read by a node that is not a Conv/MatMul/Gemm weight input (the float copy
+    stays: int8 would store it twice), or is a graph output; or int8 values plus a float scale and
+    an int8 zero point per channel (and the activation's pair) take as many bytes as the float
+    weight (a 1x1 depthwise Conv: one weight per channel). Compute nodes sharing one weight are
+    fine: it is quantized once (:mod:`~.rewrite`).
+    """
+    value = node.inputs[1]
+    weight = constant_array(value)
+    if weight is None:
+        return None
+    others = [user for user, index in value.uses() if user.op_type not in COMPUTE_OPS or index != 1]
+    if others or value.is_graph_output():
+        what = label(others[0]) if others else "a graph output"
+        return f"its weight is also read by {what} (kept float there): an int8 copy would store it twice"
+    out_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0)) else -1
+    channels = weight.shape[out_axis] if per_channel else 1
+    int8_bytes, float_bytes = weight.size + 5 * channels + 10, 4 * weight.size
+    if int8_bytes >= float_bytes:
+        return (f"int8 would not shrink it: {weight.size} weights in {channels} channels take {int8_bytes} bytes "
+                f"as int8 with their scales vs {float_bytes} as float")
     return None
 
 

@@ -53,10 +53,11 @@ def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[floa
                             add_initializer(graph, names, f"{root}_zero_point", p.zero_point))
         return stored[root]
 
+    weights: dict[tuple[int, int | None], tuple[ir.Node, QParams]] = {}  # one int8 copy per shared weight
     for node, role in plan.roles.items():
         if role == "compute" and node.inputs[1].const_value is not None:
             _quantize_weights(graph, names, node, params[node.inputs[0].name], options,
-                              hessians.get(node.inputs[0].name))
+                              hessians.get(node.inputs[0].name), weights)
     values = {**tensor_values(model), **graph.initializers}
     for tensor in plan.tensors:
         value = values[tensor]
@@ -90,18 +91,31 @@ def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | 
 
 
 def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options,
-                      hessian: np.ndarray | None = None) -> None:
+                      hessian: np.ndarray | None = None,
+                      done: dict[tuple[int, int | None], tuple[ir.Node, QParams]] | None = None) -> None:
     """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear (a MatMul
-    weight [K, N] with its input's ``hessian`` [K, K]: GPTQ-rounded with the same scales)."""
+    weight [K, N] with its input's ``hessian`` [K, K]: GPTQ-rounded with the same scales). A
+    weight already quantized for another node along the same axis (``done``) is not stored again:
+    this node gets its own DequantizeLinear of the same initializers (GPTQ rounds for the first
+    reader's input)."""
     weight = node.inputs[1]
     array = weight.const_value.numpy()
     axis = _weight_axis(node, array, options.per_channel)
-    wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=options.reduce_range,
-                           target=options.target)
-    if hessian is not None and node.op_type == "MatMul" and array.ndim == 2 and axis == 1:
-        qmax = 63 if weight_reduce_range(options.reduce_range, options.target) else 127
-        wq = gptq_round(array.T, hessian, wp.scale, qmax).T
-    node.replace_input_with(1, dequantized_constant(graph, names, weight.name, wq, wp, node))
+    done = {} if done is None else done
+    if (id(weight), axis) in done:
+        first, wp = done[(id(weight), axis)]
+        dq = dequantize_linear(first.inputs[0], first.inputs[1], first.inputs[2], names, weight.name, wp.axis)
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+    else:
+        wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=options.reduce_range,
+                               target=options.target)
+        if hessian is not None and node.op_type == "MatMul" and array.ndim == 2 and axis == 1:
+            qmax = 63 if weight_reduce_range(options.reduce_range, options.target) else 127
+            wq = gptq_round(array.T, hessian, wp.scale, qmax).T
+        dequantized = dequantized_constant(graph, names, weight.name, wq, wp, node)
+        done[(id(weight), axis)] = (dequantized.producer(), wp)
+        node.replace_input_with(1, dequantized)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None:
         bp, bq = bias_params(bias.const_value.numpy(), input_params.scale, wp)
