@@ -379,6 +379,9 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime.quantization rows")
     parser.add_argument("--out", default=str(HERE / "corpus_results.md"), help="the results table (markdown)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the saved rows of recipes this run does not run (each row keeps the ratios "
+                             "of the run that measured it)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the table from the rows every model's last run saved (no runs); models "
                              "run separately with --models end up in one table")
@@ -406,7 +409,10 @@ def main() -> None:
         print(f"{model_id}:", flush=True)
         results[model_id] = run_model(entries[model_id], entries, spec.get("material", []), names,
                                       not args.no_ort, not args.no_latency)
-        (CACHE / "runs" / model_id / "rows.json").write_text(json.dumps(results[model_id], indent=1, default=str))
+        saved = CACHE / "runs" / model_id / "rows.json"
+        if args.merge and saved.exists():  # rows of recipes not run now are kept (--report-only shows all)
+            results[model_id] = {**json.loads(saved.read_text()), **results[model_id]}
+        saved.write_text(json.dumps(results[model_id], indent=1, default=str))
         from corpus_report import write_markdown
         write_markdown(Path(args.out), results, entries, names, args, time.time() - start)
     print(f"wrote {args.out}")
