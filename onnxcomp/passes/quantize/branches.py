@@ -174,6 +174,14 @@ def _splice(model: ir.Model, node: ir.Node, attr: str, body: ir.Graph, standalon
         if n.name and n.name in names.used and not any(n.name == m.name for m in all_nodes(body)):
             n.name = names(n.name)
     new_body = ir.Graph([], outputs, nodes=nodes, initializers=own, name=body.name)
+    read = _outer_values(model.graph, body)
+    for old in all_nodes(body):  # the old body no longer reads the main graph's values
+        for slot in range(len(old.inputs)):
+            old.replace_input_with(slot, None)
     node.attributes[attr] = ir.AttrGraph(attr, new_body)
+    for value in read:  # a main-graph weight only the old branch read (now int8 inside it): dropped
+        if value.const_value is not None and not value.uses() and not value.is_graph_output() \
+                and not value.is_graph_input() and model.graph.initializers.get(value.name) is value:
+            model.graph.initializers.pop(value.name)
     for domain, version in standalone.opset_imports.items():
         model.opset_imports.setdefault(domain, version)
