@@ -282,6 +282,23 @@ def test_torch_engine_trains_pruned_cnn_keeping_masks(cnn_path, calib_path, val_
     assert [n.op_type for n in student.graph] == [n.op_type for n in pruned.graph]  # graph unchanged
 
 
+def test_l1_penalty_on_the_teacher_itself_is_kept_and_helps_a_later_prune(cnn_path, calib_path, val_path):
+    """Student = teacher (distill loss 0): only the penalty can improve the held-out objective, so
+    training is kept; the L1-regularized weights lose less to a later 90 % global prune."""
+    pytest.importorskip("torch")
+    teacher = load_model(cnn_path)
+    calib, val = load_data(calib_path, teacher), load_data(val_path, teacher)
+    student = teacher.clone()
+    result = Distill({"engine": "torch", "alpha": 0.0, "l1": 1.0, "epochs": 10},
+                     PassContext(calib=calib, original=teacher))(student)
+    assert result.stats.touched, result.stats.notes
+    l1 = [np.abs(lay.weight()).mean() for lay in find_layers(student.graph)[0]]
+    assert sum(l1) < sum(np.abs(lay.weight()).mean() for lay in find_layers(teacher.graph)[0])
+    recipe = {"passes": [{"prune": {"method": "l1", "amount": 0.9, "scope": "global"}}]}
+    plain, regularized = (compress(m, recipe, latency_runs=0).model for m in (teacher, student))
+    assert _accuracy(regularized, val) > _accuracy(plain, val) + 0.05
+
+
 def test_qat_recovers_per_tensor_int8_accuracy(cnn_path, calib_path, val_path):
     """A case built to lose: 4 channels of the first Conv scaled by 30 (the next Conv divided, so
     the float model is the same function) dominate the per-tensor weight scale."""

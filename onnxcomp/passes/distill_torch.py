@@ -9,8 +9,8 @@ layers' weights. Trained are the float initializers that selected nodes read (no
 BatchNormalization running statistics; with ``qat`` also the integer weights behind
 DequantizeLinear, through fake quantization). Pruned entries (a weight with ≥ 1 % exact zeros)
 get no gradient and stay exactly zero (an int8 weight under ``qat`` counts as pruned from 25 % zeros). A fifth of the calibration samples is held out; the
-epoch with the lowest held-out loss wins (epoch 0 = the student as it came, so training never
-makes the held-out loss worse). Values go back into the same initializers; the stats compare
+epoch with the lowest held-out objective (loss + penalties) wins (epoch 0 = the student as it came,
+so training never makes it worse). Values go back into the same initializers; the stats compare
 the written model in onnxruntime with the torch forward.
 """
 
@@ -134,9 +134,11 @@ def _train(model, data, teacher_logits, labels, cfg, *, output, seed, stats, sel
         return total
 
     def held_loss() -> float:
+        """Held-out objective: the loss plus the penalties (with l1/nuclear, a student equal to its
+        teacher has loss 0 - without them in the criterion no epoch could ever be kept)."""
         with torch.no_grad():
             return float(sum(loss_on(hold_index[i:i + 64]) * len(hold_index[i:i + 64])
-                             for i in range(0, len(hold_index), 64)) / max(len(hold_index), 1))
+                             for i in range(0, len(hold_index), 64)) / max(len(hold_index), 1) + penalty())
 
     start = time.perf_counter()
     history = [held_loss()]
