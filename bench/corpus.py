@@ -411,7 +411,9 @@ def main() -> None:
                                       not args.no_ort, not args.no_latency)
         saved = CACHE / "runs" / model_id / "rows.json"
         if args.merge and saved.exists():  # rows of recipes not run now are kept (--report-only shows all)
-            results[model_id] = {**json.loads(saved.read_text()), **results[model_id]}
+            old = json.loads(saved.read_text())
+            fp32 = {**old.get("fp32", {}), **results[model_id].get("fp32", {})}  # keeps a latency measured before
+            results[model_id] = {**old, **results[model_id], "fp32": fp32}
         saved.write_text(json.dumps(results[model_id], indent=1, default=str))
         from corpus_report import write_markdown
         write_markdown(Path(args.out), results, entries, names, args, time.time() - start)

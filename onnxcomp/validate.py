@@ -159,7 +159,10 @@ def compare(
                             labels_note = (f"labels not used: output '{target.output}' has shape "
                                            f"{list(a.shape)}, not [batch, classes]")
                     y = None if labels is None or labels_note else labels[start : start + n]
-                    acc.headline(a, b, y, select)
+                    # a feed of one sample whose output has no batch axis ([seq_len] speech
+                    # probabilities): the whole output is that sample's, compared as one vector
+                    whole = data.feedwise and select is None and (a.ndim == 0 or len(a) != 1)
+                    acc.headline(a, b, y, select, whole=whole)
             start += data.samples_in(feed)
             if progress:
                 progress(index + 1, total)
@@ -310,8 +313,9 @@ class _Accumulator:
         self.abs_count += diff.size
 
     def headline(self, a: np.ndarray, b: np.ndarray, labels: np.ndarray | None,
-                 keep: np.ndarray | None = None) -> None:
-        """Per-sample metrics; ``keep`` [batch, seq] leaves out positions (and samples with none kept).
+                 keep: np.ndarray | None = None, whole: bool = False) -> None:
+        """Per-sample metrics; ``keep`` [batch, seq] leaves out positions (and samples with none kept);
+        ``whole``: ``a`` is one sample's whole output (no batch axis): one cosine, no top-1.
 
         A sample whose compressed output has a non-finite value where the original's differs
         is the worst case of every metric: cosine -1, top-1 disagreement, infinite KL, wrong.
@@ -323,6 +327,8 @@ class _Accumulator:
             weight = keep.reshape(keep.shape + (1,) * (a.ndim - 2))
             a2 = np.where(weight, a, 0.0).reshape(len(a), -1)  # zeros at padding: the kept positions' cosine
             b2 = np.where(weight, b, 0.0).reshape(len(b), -1)
+        elif whole:
+            a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
         else:
             a2 = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)
             b2 = b.reshape(len(b), -1) if b.ndim else b.reshape(1, 1)
@@ -338,7 +344,7 @@ class _Accumulator:
         cos = np.where(bad, -1.0, np.clip(cos, -1.0, 1.0))
         self.cos_sum += float(cos.sum())
         self.rows += len(a2)
-        if a.ndim == 2 and a.shape[1] > 1:
+        if a.ndim == 2 and a.shape[1] > 1 and not whole:
             self.classes = True
             if keep is not None:  # scores over positions: padding can be neither top-1 nor probable
                 a, b = np.where(keep, a, -np.inf), np.where(keep, b, -np.inf)

@@ -510,3 +510,40 @@ def test_if_branch_weights_from_the_main_graph_are_not_kept_twice(tmp_path):
     assert "W_else" not in result.model.graph.initializers
     out = result.save(tmp_path / "out.onnx", force=True)
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+# ---------------------------------------------------------------- fidelity of outputs without a batch axis
+def test_cosine_of_a_per_sample_output_without_batch_axis(tmp_path):
+    """faster-whisper's VAD: input [seq_len, 576], output speech_probs [seq_len] — each feed is one whole
+    sample. Its cosine is over the sample's whole output, not over rows of one value each (which gave 1.0
+    for any positive output: int8 at per-sample cosine 0.98 passed with 'cosine 1')."""
+    from onnxcomp.data import load_data
+    from onnxcomp.validate import compare
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((8, 1)) / 2).astype(np.float32)
+
+    def model(weight, name):
+        nodes = [h.make_node("MatMul", ["x", "W"], ["m"]), h.make_node("Sigmoid", ["m"], ["p"]),
+                 h.make_node("Reshape", ["p", "flat"], ["probs"])]
+        graph = h.make_graph(nodes, "vad", [h.make_tensor_value_info("x", T.FLOAT, ["seq", 8])],
+                             [h.make_tensor_value_info("probs", T.FLOAT, ["seq"])],
+                             [nh.from_array(weight, "W"), nh.from_array(np.array([-1], np.int64), "flat")])
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / name)
+        return load_model(tmp_path / name)
+
+    original, other = model(w, "a.onnx"), model(-w, "b.onnx")
+    data = load_data({"x": rng.standard_normal((12, 16, 8)).astype(np.float32)}, original)  # one window per sample
+    assert data.feedwise
+    same = compare(original, original, data)
+    worse = compare(original, other, data)
+    assert same["cosine"] == pytest.approx(1.0) and same["samples"] == 12
+    assert worse["cosine"] < 0.95, worse["cosine"]  # sigmoid(z) vs sigmoid(-z): same sign, far apart
+
+
+def test_bias_correction_leaves_no_unused_initializer(tmp_path):
+    """The uncorrected int32 biases stayed in the file (onnxruntime: 'Removing initializer ... not used')."""
+    path = paddle_like_model(tmp_path / "m.onnx", opset=13)
+    result = onnxcomp.compress(path, "int8", calib=DIGITS / "calib.npz", val=DIGITS / "val.npz", latency_runs=0)
+    graph = result.model.graph
+    unused = [name for name, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]
+    assert not unused, unused

@@ -146,7 +146,10 @@ def _set_quantized_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, params
     current = node.inputs[2] if len(node.inputs) > 2 else None
     if current is not None and current.producer() is not None:
         dq = current.producer()
+        old = dq.inputs[0]
         dq.replace_input_with(0, add_initializer(graph, names, f"{base}_bias_corrected_quantized", q))
+        if old is not None and not old.uses() and not old.is_graph_output() and graph.initializers.get(old.name) is old:
+            graph.initializers.pop(old.name)  # the uncorrected int32 bias (left, onnxruntime warned on load)
         return
     out = dequantized_constant(graph, names, f"{base}_bias", q, params, node, zero_point=False)
     if len(node.inputs) < 3:
