@@ -5,7 +5,7 @@ QDQ planner quantizes (:mod:`onnxcomp.passes.quantize.plan`) and what the fusion
 
 from __future__ import annotations
 
-__all__ = ["COMPUTE_OPS", "QLINEAR_OPS", "SHARED_SCALE_OPS", "INT8_KERNELS"]
+__all__ = ["COMPUTE_OPS", "QLINEAR_OPS", "SHARED_SCALE_OPS", "INT8_KERNELS", "INT8_ACTIVATION_OPS"]
 
 # ops with a weight that ORT runs as int8 compute kernels from DQ -> op -> Q (QLinearConv, QGemm, ...)
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -24,3 +24,6 @@ INT8_KERNELS = frozenset({
     "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "NhwcMaxPool",
     "GatherBlockQuantized",
 })
+# ops of a saved model whose activations run as int8 (where u8s8 saturation on CPUs without VNNI matters)
+INT8_ACTIVATION_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+                                 "QLinearConv", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})

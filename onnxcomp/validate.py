@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset, check_label_range, model_inputs
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.gate import FIDELITY_KEYS, Gate
+from onnxcomp.int8_ops import INT8_ACTIVATION_OPS
 from onnxcomp.runtime import open_session, run_batches
 
 __all__ = ["Gate", "FidelityCheck", "compare", "reference_outputs", "check_gate", "check_data", "select_target",
@@ -247,8 +248,6 @@ def check_gate(gate: Gate, fidelity: dict[str, Any] | None,
     return failures, unchecked
 
 
-_INT8_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QLinearConv", "QGemm",
-             "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 _TINY_MACS = 5_000_000  # per sample: below this, per-op overheads (quantize/dequantize, launches) dominate
 
 
@@ -265,7 +264,7 @@ def slower_note(ratio: float | None, compressed: dict[str, Any], *, saturating: 
         saturating = saturating_u8s8()
     ops = {op.split(".")[-1] for op in compressed.get("ops", {})}
     causes, tries = [], []
-    if ops & set(_INT8_OPS):
+    if ops & INT8_ACTIVATION_OPS:
         if saturating:
             causes.append("this CPU is x86 without VNNI, where onnxruntime's int8 kernels are barely faster than fp32")
             tries.append("deploy on a VNNI / ARM CPU (quantize_static target: vnni | arm64)")
