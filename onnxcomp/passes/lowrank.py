@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from scipy import linalg
 from threadpoolctl import threadpool_limits
 
-from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, replace_node
+from onnxcomp.graph import Layer, Names, NodeSelection, add_initializer, constant_array, find_layers, release_mapped, replace_node
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register
 from onnxcomp.passes.lowrank_speed import DEFAULT_CACHE, matmul_split_ratio
 
@@ -157,45 +157,57 @@ class SvdSplit(CompressionPass):
             else:
                 eligible.append(layer)
         scales = self._scales(model, eligible, stats) if cfg.method != "plain" and eligible else {}
-        plans = []
-        for layer in eligible:
-            scale = scales.get(id(layer.node)) if cfg.method != "plain" else None
-            if cfg.method != "plain" and scale is None:
-                stats.skip(layer.label, "no calibration activations for its input (inside a subgraph)")
-                continue
-            plans.append(_plan(layer, cfg.method, scale, cfg))
-        if cfg.budget == "global":
-            _global_ranks(plans, cfg, stats)
-        else:
-            for plan in plans:
-                plan.k = _layer_rank(plan, cfg)
         ranks, energy, speed = {}, {}, {}
         names = Names(model.graph)
-        for plan in plans:
-            label, m, n, k = plan.layer.label, plan.m, plan.n, plan.k
-            if k <= 0:
-                continue  # kept dense by the global allocation (already recorded)
-            if k * (m + n) >= (1 - cfg.min_saving) * m * n:
-                stats.skip(label, f"rank {k} would not save parameters: k(m+n) = {k * (m + n)} >= "
-                                  f"{'' if cfg.min_saving == 0 else f'(1 - {cfg.min_saving}) * '}mn = {m * n}")
-                continue
-            if cfg.require_speedup:
-                dtype = str(constant_array(plan.layer.weight_value).dtype)
-                measured = {r: matmul_split_ratio(m, n, k, r, dtype=dtype, cache=cfg.speed_cache) for r in cfg.speed_rows}
-                speed[label] = {str(r): ratio for r, (ratio, _) in measured.items()}
-                slow = [f"{ratio:.2f}x at {r} rows" for r, (ratio, _) in measured.items() if ratio >= 1.0]
-                if slow:
-                    stats.skip(label, f"rank {k} is not faster in onnxruntime (split/dense time {', '.join(slow)})")
+
+        def plans():  # one layer's SVD at a time unless the global budget needs them all at once
+            for layer in eligible:
+                scale = scales.get(id(layer.node)) if cfg.method != "plain" else None
+                if cfg.method != "plain" and scale is None:
+                    stats.skip(layer.label, "no calibration activations for its input (inside a subgraph)")
                     continue
-            _apply(plan, names)
-            ranks[label], energy[label] = k, round(plan.kept_energy(k), 6)
-            stats.touch(f"{label}: {m}x{n} -> rank {k} ({k * (m + n)}/{m * n} params, "
-                        f"{'output ' if cfg.method == 'whitened' else ''}energy kept {energy[label]:.4f})")
+                yield _plan(layer, cfg.method, scale, cfg)
+
+        if cfg.budget == "global":
+            chosen = list(plans())
+            _global_ranks(chosen, cfg, stats)
+        else:
+            chosen = plans()
+        for plan in chosen:
+            if cfg.budget != "global":
+                plan.k = _layer_rank(plan, cfg)
+            self._split(plan, names, ranks, energy, speed, stats)
+            release_mapped(plan.layer.weight_value)  # read for the last time
+            if cfg.budget != "global":
+                del plan  # its float64 U, Vt: a layer's worth, not the model's
         stats.metrics.update(method=cfg.method, ranks=ranks, energy_kept=energy)
         if cfg.require_speedup:
             stats.metrics["speed_ratio"] = speed
             stats.notes.append("speed check: split/dense onnxruntime time per layer shape and row count "
                                f"(< 1 = split faster), rows {list(cfg.speed_rows)}; cached in {cfg.speed_cache}")
+
+    def _split(self, plan: _Plan, names: Names, ranks: dict, energy: dict, speed: dict, stats: PassStats) -> None:
+        """Split ``plan``'s layer at its rank, or record why not."""
+        cfg: SvdSplitConfig = self.config
+        label, m, n, k = plan.layer.label, plan.m, plan.n, plan.k
+        if k <= 0:
+            return  # kept dense by the global allocation (already recorded)
+        if k * (m + n) >= (1 - cfg.min_saving) * m * n:
+            stats.skip(label, f"rank {k} would not save parameters: k(m+n) = {k * (m + n)} >= "
+                              f"{'' if cfg.min_saving == 0 else f'(1 - {cfg.min_saving}) * '}mn = {m * n}")
+            return
+        if cfg.require_speedup:
+            dtype = str(constant_array(plan.layer.weight_value).dtype)
+            measured = {r: matmul_split_ratio(m, n, k, r, dtype=dtype, cache=cfg.speed_cache) for r in cfg.speed_rows}
+            speed[label] = {str(r): ratio for r, (ratio, _) in measured.items()}
+            slow = [f"{ratio:.2f}x at {r} rows" for r, (ratio, _) in measured.items() if ratio >= 1.0]
+            if slow:
+                stats.skip(label, f"rank {k} is not faster in onnxruntime (split/dense time {', '.join(slow)})")
+                return
+        _apply(plan, names)
+        ranks[label], energy[label] = k, round(plan.kept_energy(k), 6)
+        stats.touch(f"{label}: {m}x{n} -> rank {k} ({k * (m + n)}/{m * n} params, "
+                    f"{'output ' if cfg.method == 'whitened' else ''}energy kept {energy[label]:.4f})")
 
     # -- calibration -----------------------------------------------------------------------------
 
