@@ -46,6 +46,20 @@ from common import cache_dir as minilm_dir  # noqa: E402
 from fidelity import embed, fidelity, load_npz, make_session  # noqa: E402
 
 THREADS = peer.THREADS  # intra_op_num_threads of every measured session (inter_op 1)
+# intra-op threads sleep when idle (session.intra_op.allow_spinning 0) unless --spin: on a CPU shared with
+# other jobs, threads spinning after a run steal the cores the next run needs (measured on MiniLM at
+# load ~12 on 2 cores: fp32 bs1 85.6 -> 8.3 ms with spinning off), and models with many small ops
+# (the unfused fp32 graph) suffer most, so the ratios mean little with spinning on.
+SPINNING = False
+
+
+def bench_session(path):
+    """A measured session: THREADS intra-op threads, spinning as SPINNING says."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = THREADS, 1, 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPINNING else "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 DIGITS_DATA = ROOT / "models" / "digits"
 MODELS = {  # name: kind, fp32 model
     "digits_mlp": ("digits", ROOT / "models" / "digits_mlp.onnx"),
@@ -285,7 +299,7 @@ def evaluate_child(setup: Setup, model: str, variant: str) -> dict:
     size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
     ops = optimized_ops(path)
     fusion = fusion_report(load_model(path))
-    sess, ref = make_session(path, THREADS), make_session(fp32, THREADS)
+    sess, ref = bench_session(path), bench_session(fp32)
     _, val = setup.data(model)
     if kind == "digits":
         fid = digits_fidelity(sess, ref, val)
@@ -322,14 +336,14 @@ def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
     processes drift apart; here every row sees the same load at the same moments."""
     kind, fp32 = MODELS[model]
     names = ["fp32", *[v for v in variants if v != "fp32"]]
-    sessions = {v: make_session(setup.model_out(model, v), THREADS) for v in names}
+    sessions = {v: bench_session(setup.model_out(model, v)) for v in names}
     if kind == "digits":
         x = np.load(setup.data(model)[1])["input"]
         feeds, outputs = [{"input": x[:1]}, {"input": x[:32]}], None
     else:
         feeds, outputs = list(peer.latency_feeds()), ["sentence_embedding"]
     runs = setup.runs[kind]
-    out = {"load": os.getloadavg()[0], "threads": THREADS, "rows": {v: {} for v in names}}
+    out = {"load": os.getloadavg()[0], "threads": THREADS, "spinning": SPINNING, "rows": {v: {} for v in names}}
     for bs, feed, n in zip((1, 32), feeds, runs):
         for v in names:
             for _ in range(peer.WARMUP):
@@ -351,7 +365,8 @@ def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
 
 
 def interleaved_table(model: str, result: dict) -> list[str]:
-    out = [f"Interleaved in one process ({result['threads']} intra-op threads, load {result['load']:.1f} -> "
+    spin = "spinning" if result.get("spinning", True) else "no spinning"
+    out = [f"Interleaved in one process ({result['threads']} intra-op threads, {spin}, load {result['load']:.1f} -> "
            f"{result['load_after']:.1f}): median wall ms (×fp32) [median CPU ms ×fp32]\n",
            "| variant | bs1 | bs32 |", "|---|---|---|"]
     for v, r in result["rows"].items():
@@ -386,7 +401,7 @@ def measure(setup: Setup, model: str, variant: str, cmd: str) -> dict:
         problem = recipe_problem(model, variant)
         if problem:
             return row | {"na": "option not available", "why": problem}
-    flag = ["--quick"] if setup.quick else []
+    flag = (["--quick"] if setup.quick else []) + (["--spin"] if SPINNING else [])
     if variant != "fp32":
         q, tail, row["quant_wall_s"], row["quant_rss_mb"] = run_child(["--_quantize", model, variant, *flag])
         if q is None:
@@ -492,7 +507,8 @@ def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: flo
         f"Written by `{cmd}` (from the repo root, {time.strftime('%Y-%m-%d %H:%M')}, {wall / 60:.0f} min); "
         "rows measured by " + ", ".join(f"`{c}`" for c in cmds) + ".\n",
         f"Machine: {peer.cpu_info()}. onnxruntime {ort.__version__}, CPUExecutionProvider, ORT_ENABLE_ALL, "
-        f"intra_op_num_threads={THREADS}, inter_op 1. Python {sys.version.split()[0]}. The 2 cores were shared "
+        f"intra_op_num_threads={THREADS}, inter_op 1, intra-op spinning {'on' if SPINNING else 'off'} (see "
+        "bench_session). Python {sys.version.split()[0]}. The 2 cores were shared "
         "with other jobs: see the load column (1-min load average when the row's latency was measured).\n",
         "- **size**: the saved file (×fp32). **latency**: median ms (µs on digits) of "
         f"{runs} runs after {peer.WARMUP} warm-ups, each run alternating with a run of the fp32 model in the "
@@ -693,7 +709,10 @@ def main() -> None:
                     help="also time every measured row of a model round-robin in one process (table per model)")
     ap.add_argument("--_evaluate", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_interleaved", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default)")
     a = ap.parse_args()
+    global SPINNING
+    SPINNING = a.spin
     setup = Setup(a.quick)
     if a._quantize:
         return print(json.dumps(quantize_child(setup, *a._quantize)))
@@ -737,7 +756,8 @@ def main() -> None:
     if a.interleaved:
         for model, rows in all_rows.items():
             measured = [v for v, r in rows.items() if "latency" in r]
-            res, tail, _, _ = run_child(["--_interleaved", model, ",".join(measured), *(["--quick"] if a.quick else [])])
+            res, tail, _, _ = run_child(["--_interleaved", model, ",".join(measured), *(["--quick"] if a.quick else []),
+                                         *(["--spin"] if a.spin else [])])
             if res is None:
                 print(f"{model}: interleaved timing failed: {tail}")
                 continue

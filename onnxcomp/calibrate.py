@@ -273,7 +273,7 @@ def collect(
             value.type = ir.TensorType(ir.DataType.FLOAT)
         probe.graph.outputs.append(value)
         existing.add(name)
-    with open_session(probe, session_options(level="basic"), what="calibration model") as session:
+    with open_session(probe, session_options(level="basic", spinning=False), what="calibration model") as session:
         input_names = {i.name for i in session.get_inputs()}
         fetch = [n for n in names if n not in input_names]
         done = 0

@@ -23,12 +23,16 @@ IN_MEMORY_LIMIT = 256 * 2**20
 
 
 def session_options(
-    *, threads: int = 0, level: str = "all", optimized_path: str | None = None, prepack: bool = True
+    *, threads: int = 0, level: str = "all", optimized_path: str | None = None, prepack: bool = True,
+    spinning: bool = True,
 ) -> ort.SessionOptions:
     """Options every onnxcomp session uses, so latencies are comparable.
 
     ``prepack=False`` for a session that only proves the model loads: onnxruntime then keeps no
-    packed copy of the weights (and leaves mapped external data unread).
+    packed copy of the weights (and leaves mapped external data unread). ``spinning=False``: idle
+    intra-op threads sleep instead of spinning (``session.intra_op.allow_spinning`` 0) — for
+    throughput work (calibration) on a CPU shared with other processes, where spinning threads
+    steal the cores the working ones need.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -44,6 +48,8 @@ def session_options(
         options.optimized_model_filepath = optimized_path
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
