@@ -344,6 +344,7 @@ def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
         feeds, outputs = list(peer.latency_feeds()), ["sentence_embedding"]
     runs = setup.runs[kind]
     out = {"load": os.getloadavg()[0], "threads": THREADS, "spinning": SPINNING, "rows": {v: {} for v in names}}
+    clock = time.thread_time if THREADS == 1 else time.process_time  # 1 thread: ORT runs in this thread
     for bs, feed, n in zip((1, 32), feeds, runs):
         for v in names:
             for _ in range(peer.WARMUP):
@@ -351,10 +352,10 @@ def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
         wall, cpu = {v: [] for v in names}, {v: [] for v in names}
         for i in range(n):
             for v in (names if i % 2 else names[::-1]):
-                t, c = time.perf_counter(), time.process_time()
+                t, c = time.perf_counter(), clock()
                 sessions[v].run(outputs, feed)
                 wall[v].append(time.perf_counter() - t)
-                cpu[v].append(time.process_time() - c)
+                cpu[v].append(clock() - c)
         for v in names:
             w, c = float(np.median(wall[v])), float(np.median(cpu[v]))
             out["rows"][v][f"bs{bs}"] = {"ms": w * 1e3, "cpu_ms": c * 1e3, "runs": n,
@@ -401,7 +402,7 @@ def measure(setup: Setup, model: str, variant: str, cmd: str) -> dict:
         problem = recipe_problem(model, variant)
         if problem:
             return row | {"na": "option not available", "why": problem}
-    flag = (["--quick"] if setup.quick else []) + (["--spin"] if SPINNING else [])
+    flag = (["--quick"] if setup.quick else []) + (["--spin"] if SPINNING else []) + ["--threads", str(THREADS)]
     if variant != "fp32":
         q, tail, row["quant_wall_s"], row["quant_rss_mb"] = run_child(["--_quantize", model, variant, *flag])
         if q is None:
@@ -695,6 +696,7 @@ def _label(ax, pts: list[tuple[float, float, str, float]]) -> None:
 
 
 def main() -> None:
+    global SPINNING, THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
     ap.add_argument("--only", help="comma-separated variants (fp32 is always measured): " + ",".join(VARIANTS))
@@ -710,9 +712,11 @@ def main() -> None:
     ap.add_argument("--_evaluate", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_interleaved", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default)")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help=f"intra-op threads of the measured sessions (default {THREADS}; 1 on a loaded machine: "
+                         "then the CPU ratios are the work each model does)")
     a = ap.parse_args()
-    global SPINNING
-    SPINNING = a.spin
+    SPINNING, THREADS = a.spin, a.threads
     setup = Setup(a.quick)
     if a._quantize:
         return print(json.dumps(quantize_child(setup, *a._quantize)))
@@ -757,7 +761,7 @@ def main() -> None:
         for model, rows in all_rows.items():
             measured = [v for v, r in rows.items() if "latency" in r]
             res, tail, _, _ = run_child(["--_interleaved", model, ",".join(measured), *(["--quick"] if a.quick else []),
-                                         *(["--spin"] if a.spin else [])])
+                                         *(["--spin"] if a.spin else []), "--threads", str(THREADS)])
             if res is None:
                 print(f"{model}: interleaved timing failed: {tail}")
                 continue

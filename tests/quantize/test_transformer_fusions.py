@@ -53,7 +53,8 @@ def test_recipe_keeps_every_float_fusion_and_runs_every_matmul_in_int8(static_ru
     assert fusions["lost"] == []
     for family, count in fusions["original"].items():
         assert fusions["compressed"][family] >= count
-    assert fusions["compressed"]["attention"] == 2 and fusions["compressed"]["skip_layer_norm"] == 4
+    assert fusions["compressed"]["attention"] == 2 and fusions["compressed"]["gelu"] == 2
+    assert fusions["compressed"].get("skip_layer_norm", 0) == 0  # Add + LayerNormalization kept: faster on CPU
     assert report["fidelity"]["cosine"] >= 0.999
     # nothing float was added between the fused ops: no Mul, and each norm copy is a LayerNormalization
     added = [n for n in static_run.model.graph if SMOOTH_QUANT_TAG in n.metadata_props]
