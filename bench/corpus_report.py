@@ -108,8 +108,10 @@ def summary(results: dict, names: list[str]) -> list[str]:
         lines.append(f"| {name} | {codes.get('0', 0)} | {codes.get('3', 0)} | {codes.get('2', 0)} | "
                      f"{codes.get('1', 0) + codes.get('timeout', 0)} | {bad} | {good} / {len(rows)} |")
     if "int8" in names:
-        lines += ["", "int8 vs the better of ORT's two on each model (cosine of the main output):", "",
-                  "| model | int8 cos | ORT dynamic cos | ORT static cos | int8 ≥ best ORT |", "|---|---|---|---|---|"]
+        lines += ["", "int8 per model beside onnxruntime.quantization (cells: cosine · size× · bs1×; **bar** = cos ≥ "
+                  "0.99 and (bs1× ≤ 0.9 or size× ≤ 0.5); **≥ ORT** = int8 cosine at least the better of ORT's two "
+                  "that quantized something):", "",
+                  "| model | int8 | bar | int8-dynamic | ORT dynamic | ORT static | int8 ≥ ORT |", "|---|---|---|---|---|---|---|"]
         for model_id, rows in results.items():
             ours = rows.get("int8", {}).get("cos") if rows.get("int8", {}).get("loads") else None
             peers = [rows.get(k, {}).get("cos") if rows.get(k, {}).get("loads") else None for k in ORT]
@@ -120,9 +122,22 @@ def summary(results: dict, names: list[str]) -> list[str]:
                 verdict = "– (ORT quantized nothing)" if ours is not None and any(p is not None for p in peers) else "–"
             else:
                 verdict = "yes" if ours >= best - 1e-4 else f"**no** ({ours - best:+.4f})"
-            lines.append(f"| {model_id} | {_f(ours, '{:.4f}')} | {_f(peers[0], '{:.4f}')} | {_f(peers[1], '{:.4f}')} | "
-                         f"{verdict} |")
+            bar = "yes" if good_int8(rows.get("int8", {})) else "**no**"
+            cells = [_triple(rows.get(k)) for k in ("int8", "int8-dynamic", *ORT)]
+            lines.append(f"| {model_id} | {cells[0]} | {bar} | {' | '.join(cells[1:])} | {verdict} |")
     return lines
+
+
+def _triple(row: dict | None) -> str:
+    """cosine · size× · bs1× of one row, or what went wrong."""
+    if not row:
+        return "–"
+    if not row.get("written"):
+        return "timeout" if row.get("timeout") else f"exit {row.get('exit')}, no file"
+    if not row.get("loads"):
+        return "file does not load"
+    cell = f"{_f(row.get('cos'), '{:.4f}')} · {_f(row.get('size_ratio'), '{:.2f}')} · {_f(row.get('latency_ratio'), '{:.2f}')}"
+    return cell + ("" if row.get("valid") else " (fails the ONNX checker)")
 
 
 def skip_details(rows: dict, names: list[str]) -> list[str]:
