@@ -183,7 +183,7 @@ def _cmd_validate(args) -> int:
     from onnxcomp.data import load_data
     from onnxcomp.model import check_outputs, check_path, load_model
     from onnxcomp.recipe import Gate
-    from onnxcomp.report import measure_latency, model_summary, print_summary, write_json
+    from onnxcomp.report import measure_latencies, model_summary, print_summary, write_json
     from onnxcomp.validate import check_gate, compare, select_target
 
     for what in ("original", "compressed", "val"):
@@ -202,8 +202,8 @@ def _cmd_validate(args) -> int:
         "fidelity": compare(original, compressed, data, output=args.output, mask_input=args.mask_input),
     }
     report["fidelity"]["data_kind"] = "validation"
-    report["original"]["latency"] = measure_latency(original, data)
-    report["compressed"]["latency"] = measure_latency(compressed, data)
+    report["original"]["latency"], report["compressed"]["latency"] = measure_latencies(
+        [(original, args.original), (compressed, args.compressed)], data)
     failures, _ = check_gate(Gate(), report["fidelity"], {})  # no thresholds: only NaN/Inf outputs fail
     report["gate"] = {"checked": False, "thresholds": {}, "passed": not failures, "failures": failures,
                       "unchecked": [], "data_kind": "validation"}

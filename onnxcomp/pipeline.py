@@ -33,7 +33,7 @@ from onnxcomp.model import (
 from onnxcomp.passes.base import PassContext, PassStats
 from onnxcomp.recipe import Recipe, load_recipe
 from onnxcomp.registry import get_pass
-from onnxcomp.report import measure_latency, model_summary
+from onnxcomp.report import measure_latencies, model_summary
 from onnxcomp.runtime import IN_MEMORY_LIMIT, open_session, session_options
 from onnxcomp.validate import (
     FidelityCheck,
@@ -174,8 +174,8 @@ def compress(
     fidelity["data_kind"] = data_kind
     report["fidelity"] = fidelity
     if latency_runs:
-        report["original"]["latency"] = measure_latency(original, eval_data, runs=latency_runs, path=input_path)
-        report["compressed"]["latency"] = measure_latency(working, eval_data, runs=latency_runs)
+        report["original"]["latency"], report["compressed"]["latency"] = measure_latencies(
+            [(original, input_path), (working, None)], eval_data, runs=latency_runs)
     extra = {"size_ratio": report["compressed"]["size_bytes"] / max(report["original"]["size_bytes"], 1)}
     if latency_runs and report["original"]["latency"]["median_ms"] > 0:
         extra["latency_ratio"] = report["compressed"]["latency"]["median_ms"] / report["original"]["latency"]["median_ms"]

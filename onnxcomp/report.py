@@ -6,6 +6,7 @@ always carry the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ __all__ = [
     "mac_input_shapes",
     "mac_shapes_text",
     "measure_latency",
+    "measure_latencies",
     "print_summary",
     "write_json",
 ]
@@ -302,22 +304,58 @@ def measure_latency(model: ir.Model, data: Dataset, *, batch: int = 1, runs: int
                     warmup: int = 5, threads: int = 0, path: str | os.PathLike | None = None) -> dict[str, float]:
     """Median and p90 milliseconds of one ``batch``-sample run (same options for every model).
     ``path``: the unchanged file of ``model`` (see :func:`onnxcomp.runtime.open_session`)."""
+    return measure_latencies([(model, path)], data, batch=batch, runs=runs, warmup=warmup, threads=threads)[0]
+
+
+def measure_latencies(models: list[tuple[ir.Model, str | os.PathLike | None]], data: Dataset, *, batch: int = 1,
+                      runs: int = 30, warmup: int = 5, threads: int = 0, together: bool | None = None) -> list[dict]:
+    """:func:`measure_latency` of each ``(model, path)`` on the same feed.
+
+    ``together``: every session open at once and the models run round by round, the order
+    alternating, so a change in the machine's load hits all of them alike (a ratio of two models
+    timed one after the other on a shared CPU is mostly noise); else one after another, one
+    session at a time (the default for a model with external data or past the in-memory limit:
+    large models are never held side by side). Idle onnxruntime threads do not
+    spin: a spinning pool steals the cores the next run needs on a busy machine.
+    """
+    from onnxcomp.model import has_external_tensors, model_nbytes
+    from onnxcomp.runtime import IN_MEMORY_LIMIT
+
+    if together is None:
+        together = not any(has_external_tensors(m) or model_nbytes(m) >= IN_MEMORY_LIMIT for m, _ in models)
     feed = next(data.batches(batch)) if not data.fixed_batch else next(data.batches())
-    with open_session(model, session_options(threads=threads), path=path) as session:
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {
-        "batch": data.samples_in(feed),
-        "median_ms": round(statistics.median(times), 4),
-        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 4),
-        "runs": runs,
-    }
+    options = session_options(threads=threads, spinning=False)
+    times: list[list[float]] = [[] for _ in models]
+
+    def timed(session, into: list[float]) -> None:
+        start = time.perf_counter()
+        session.run(None, feed)
+        into.append((time.perf_counter() - start) * 1e3)
+
+    if together:
+        with contextlib.ExitStack() as stack:
+            sessions = [stack.enter_context(open_session(m, options, path=p)) for m, p in models]
+            for _ in range(warmup):
+                for session in sessions:
+                    session.run(None, feed)
+            for i in range(runs):
+                order = range(len(sessions)) if i % 2 == 0 else reversed(range(len(sessions)))
+                for j in order:
+                    timed(sessions[j], times[j])
+    else:
+        for (model, path), into in zip(models, times):
+            with open_session(model, options, path=path) as session:
+                for _ in range(warmup):
+                    session.run(None, feed)
+                for _ in range(runs):
+                    timed(session, into)
+    out = []
+    for t in times:
+        t.sort()
+        out.append({"batch": data.samples_in(feed), "median_ms": round(statistics.median(t), 4),
+                    "p90_ms": round(t[int(0.9 * (len(t) - 1))], 4), "runs": runs,
+                    "interleaved": together and len(models) > 1})
+    return out
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:

@@ -107,3 +107,26 @@ def test_only_gather_block_quantized_still_gets_a_fusion_report():
     assert quant["other"] == {"quantized": 1, "fused": 1} and quant["compute"] == {"quantized": 0, "fused": 0}
     assert quant["int8_kernels"] == {"GatherBlockQuantized": 1} and quant["fused_ratio"] is None
     assert result.report["compressed"]["params"] == result.report["original"]["params"]
+
+
+def test_latencies_interleaved_for_small_models_one_by_one_for_external_data(cnn_path, mlp_path, val_path,
+                                                                              tmp_path):
+    """Two small models are timed round by round in one pass; a model with external data alone;
+    every entry has its runs and a positive median; a run's report says how it was timed."""
+    import onnx
+
+    from onnxcomp.data import load_data
+    from onnxcomp.report import measure_latencies
+
+    cnn = load_model(cnn_path)
+    data = load_data(val_path, cnn)
+    pair = measure_latencies([(cnn, cnn_path), (cnn.clone(), None)], data, runs=5, warmup=1)
+    assert [p["interleaved"] for p in pair] == [True, True]
+    assert all(p["runs"] == 5 and p["median_ms"] > 0 and p["p90_ms"] >= p["median_ms"] for p in pair)
+    onnx.save(onnx.load(str(cnn_path)), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.data",
+              size_threshold=0)
+    external = load_model(tmp_path / "ext.onnx")
+    apart = measure_latencies([(external, tmp_path / "ext.onnx"), (cnn, None)], data, runs=3, warmup=1)
+    assert [p["interleaved"] for p in apart] == [False, False]
+    report = compress(str(mlp_path), "int8-dynamic", val=str(val_path), latency_runs=4).report
+    assert report["original"]["latency"]["interleaved"] and report["compressed"]["latency"]["runs"] == 4
