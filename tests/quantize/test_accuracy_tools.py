@@ -141,6 +141,21 @@ def test_sensitivity_keeps_the_most_harmful_layers_float_until_the_gate_holds(cn
     assert result.report["gate"]["passed"] and result.report["quantization"]["fused_ratio"] == 1.0
 
 
+def test_sqnr_ranking_keeps_the_same_layers_float_as_leave_one_out_in_fewer_trials(cnn_path, calib_path):
+    gate = {"min_cosine": 0.99999}  # bench/quantize.py's digits target: 3 of the 4 layers go back to float
+    slow, fast = (static(cnn_path, calib_path, gate=gate, method="percentile", sensitivity=True,
+                         sensitivity_ranking=ranking).report["passes"][1]["metrics"]["sensitivity"]
+                  for ranking in ("leave_one_out", "sqnr"))
+    assert slow["ranking"] == "leave_one_out" and fast["ranking"] == "sqnr"
+    assert slow["met"] and fast["met"] and fast["fidelity_chosen"]["cosine"] >= 0.99999
+    assert set(fast["kept_float"]) == set(slow["kept_float"]) == {
+        "/features/features.0/Conv", "/features/features.3/Conv", "/head/head.2/Gemm"}
+    assert fast["trials"] < slow["trials"]  # the ranking costs no trial: only the bisection does
+    scores = [item["added_noise"] for item in fast["harm"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 4
+    assert fast["harm"][-1]["node"] == "/head/head.0/Gemm"
+
+
 def test_sensitivity_stops_at_once_when_everything_quantized_meets_the_gate(mlp_path, calib_path):
     result = static(mlp_path, calib_path, gate={"min_cosine": 0.999}, sensitivity=True)
     report = result.report["passes"][1]["metrics"]["sensitivity"]
