@@ -399,3 +399,48 @@ def test_int8_qat_recipe_stays_fused(cnn_path, calib_path, val_path):
     assert result.gate_passed, result.failures
     assert result.report["passes"][-1]["metrics"]["engine"] == "torch + qat"
     assert result.report["quantization"]["fused_ratio"] == 1.0
+
+
+def test_one_d_convs_are_refitted_and_a_score_output_is_judged_by_squared_error():
+    """1-D Conv layers (speech models) get image-patch rows of height 1; a one-column output (a
+    score: its softmax is constant, the KL always 0) keeps the refit only if its squared error fell."""
+    import onnxruntime as ort
+
+    from onnxcomp.passes.distill_layerwise import input_rows
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(8, 4, 3)).astype(np.float32) / 3, rng.normal(size=(6, 8, 3)).astype(np.float32) / 5
+    w3 = rng.normal(size=(1, 6 * 7)).astype(np.float32) / 4  # 16 -> 7 positions (dilation 2, stride 2)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2], pads=[1, 1], dilations=[2]),
+             helper.make_node("Flatten", ["c2"], ["f"]), helper.make_node("Gemm", ["f", "w3"], ["score"], transB=1)]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (np.full(8, 0.1, np.float32), "b1"), (w2, "w2"),
+                                                         (w3, "w3"))]
+    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 16])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 1])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    teacher = ir.serde.deserialize_model(proto)
+    x = rng.normal(size=(200, 4, 16)).astype(np.float32)
+    data = Dataset({"x": x}, None, "test")
+    # the patch rows reproduce onnxruntime's 1-D Conv (strides, pads, dilations)
+    conv2 = find_layers(teacher.graph)[0][1]
+    probe = proto.graph.output.add()
+    probe.CopyFrom(helper.make_tensor_value_info("r1", TensorProto.FLOAT, None))
+    probe2 = proto.graph.output.add()
+    probe2.CopyFrom(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, relu, c2 = sess.run(None, {"x": x[:5]})
+    rows = input_rows(conv2, relu) @ w2.reshape(6, -1).T
+    np.testing.assert_allclose(rows, np.moveaxis(c2, 1, -1).reshape(-1, 6), rtol=1e-4, atol=1e-5)
+
+    student = teacher.clone()
+    for layer in find_layers(student.graph)[0][:2]:
+        w = layer.weight()
+        layer.set_weight(np.where(rng.random(w.shape) < 0.6, 0, w).astype(w.dtype))
+    pruned = student.clone()
+    result = Distill({}, PassContext(calib=data, original=teacher))(student)
+    assert [t.split(":")[0] for t in result.stats.touched][:2] == ["Conv", "Conv"], result.stats
+    for before, after in zip(find_layers(pruned.graph)[0], find_layers(student.graph)[0]):
+        assert np.all(after.weight()[before.weight() == 0] == 0)
+    ref, old, new = (_logits(m, data) for m in (teacher, pruned, student))
+    assert np.mean((new - ref) ** 2) < 0.5 * np.mean((old - ref) ** 2)

@@ -16,7 +16,8 @@ Engines:
   layer-wise ridge reconstruction of every selected layer against the teacher's activations
   (masks and low-rank pairs respected, never worse on the calibration data), then the exact
   loss on the final classifier layer with L-BFGS. The refitted model is kept only if its loss on
-  the calibration data is not higher than before (layer-wise fits are each never worse, but layers
+  the calibration data (for a one-column output, whose softmax is constant: its mean squared
+  error to the teacher) is not higher than before (layer-wise fits are each never worse, but layers
   they cannot reach, e.g. inside subgraphs, can turn them against the logits); otherwise the
   model is left unchanged and the notes say so.
 - ``torch`` (the ``[train]`` extra; :mod:`onnxcomp.passes.distill_torch`): end-to-end Adam
@@ -138,11 +139,14 @@ class Distill(CompressionPass):
             student_after = capture(work, data, [inputs.output], ctx.batch_size)[inputs.output]
             loss_after = distill_loss(student_after, teacher_logits, labels, alpha=cfg.alpha,
                                       temperature=cfg.temperature, grad=False)
-            if stats.touched and loss_after.total <= loss_before.total:
+            # a one-column output (a probability, a score) has a constant softmax: its squared error decides
+            what, before, after = ("loss", loss_before.total, loss_after.total) if student_before.shape[-1] > 1 else (
+                "squared error to the teacher", _mse(student_before, teacher_logits), _mse(student_after, teacher_logits))
+            if stats.touched and after <= before:
                 model.graph = work.graph
             elif stats.touched:
-                stats.notes.append(f"closed form: the refitted model's loss on the calibration data was higher "
-                                   f"({loss_before.total:.4g} -> {loss_after.total:.4g}): weights kept")
+                stats.notes.append(f"closed form: the refitted model's {what} on the calibration data was higher "
+                                   f"({before:.4g} -> {after:.4g}): weights kept")
                 stats.skipped.extend((what, "reverted with the whole refit") for what in stats.touched)
                 stats.touched.clear()
                 stats.metrics["reverted"] = True
@@ -260,6 +264,10 @@ def _static_last_dim(value: ir.Value) -> int | None:
         return None
     last = value.shape[-1]
     return last if isinstance(last, int) else None
+
+
+def _mse(student: np.ndarray, teacher: np.ndarray) -> float:
+    return float(np.mean((student.astype(np.float64) - teacher.astype(np.float64)) ** 2))
 
 
 def _top1(student: np.ndarray, teacher: np.ndarray) -> float:

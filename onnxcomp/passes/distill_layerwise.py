@@ -110,8 +110,8 @@ def _unsupported(layer: Layer) -> str | None:
     if node.op_type == "Conv":
         if layer.group != 1:
             return "grouped Conv"
-        if len(layer.shape) != 4:
-            return f"{len(layer.shape) - 2}-D Conv (only 2-D)"
+        if len(layer.shape) not in (3, 4):
+            return f"{len(layer.shape) - 2}-D Conv (only 1-D and 2-D)"
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "Conv with auto_pad SAME"
     return None
@@ -176,10 +176,19 @@ def input_rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if layer.node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])
-    node, (_, _, kh, kw) = layer.node, layer.shape
-    pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
-    sh, sw = node.attributes.get_ints("strides", [1, 1])
-    dh, dw = node.attributes.get_ints("dilations", [1, 1])
+    node = layer.node
+    if len(layer.shape) == 3:  # 1-D: a 2-D Conv of height 1
+        x = x[:, :, None, :]
+        kh, kw = 1, layer.shape[2]
+        p0, p1 = node.attributes.get_ints("pads", [0, 0])
+        pads = [0, p0, 0, p1]
+        sh, sw = 1, node.attributes.get_ints("strides", [1])[0]
+        dh, dw = 1, node.attributes.get_ints("dilations", [1])[0]
+    else:
+        _, _, kh, kw = layer.shape
+        pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+        sh, sw = node.attributes.get_ints("strides", [1, 1])
+        dh, dw = node.attributes.get_ints("dilations", [1, 1])
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw]
