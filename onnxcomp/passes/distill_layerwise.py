@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
-from scipy import optimize
+from scipy import linalg, optimize
 from threadpoolctl import threadpool_limits
 
 from onnxcomp.calibrate import Paired, Stack, collect, tensor_values
@@ -213,14 +213,16 @@ def row_errors(stats: LinearStats, w: np.ndarray) -> np.ndarray:
     return np.einsum("od,de,oe->o", w, g, w) - 2 * np.einsum("od,do->o", w, c) + stats.yy
 
 
-def solve_rows(stats: LinearStats, w0: np.ndarray, mask: np.ndarray | None, ridges: tuple[float, ...]
-               ) -> list[np.ndarray]:
+def solve_rows(stats: LinearStats, w0: np.ndarray, mask: np.ndarray | None, ridges: tuple[float, ...],
+               outputs: np.ndarray | None = None) -> list[np.ndarray]:
     """For each ridge r: argmin_w Σ(x̃·w − y)² + λ‖w − w₀‖² per output row over its free entries
     (λ = r · mean diag XᵀX; ``w0`` is [out, d] or [out, d+1] with the bias last); masked entries
-    stay 0. One eigendecomposition per distinct mask pattern serves every ridge."""
+    stay 0. A mask pattern shared by many rows: one eigendecomposition serves every ridge; a pattern
+    of few rows (unstructured pruning: each row its own) costs less as one Cholesky solve per ridge.
+    ``outputs``: which of the layer's outputs the rows of ``w0`` are (default: all, in order)."""
     out, d = w0.shape
     inputs = d - 1 if d == stats.g.shape[0] else d
-    g, c = stats.g[:d, :d], stats.c[:d]
+    g, c = stats.g[:d, :d], stats.c[:d] if outputs is None else stats.c[:d][:, outputs]
     scale = max(float(np.mean(np.diag(g)[:inputs])), 1e-12)
     solutions = [np.zeros((out, d)) for _ in ridges]
     free = np.ones((out, d), bool)
@@ -233,9 +235,19 @@ def solve_rows(stats: LinearStats, w0: np.ndarray, mask: np.ndarray | None, ridg
         keep = np.flatnonzero(pattern)
         if keep.size == 0:
             continue
-        values, vectors = np.linalg.eigh(g[np.ix_(keep, keep)])
+        gk, ck, wk = g[np.ix_(keep, keep)], c[np.ix_(keep, rows)], w0[np.ix_(rows, keep)].T
+        if len(rows) * 4 < len(ridges) * keep.size:  # eigh ~ 9k^3 + 4k^2·rows·ridges vs k^3/3 per ridge
+            try:
+                for solution, ridge in zip(solutions, ridges):
+                    lam = ridge * scale
+                    factor = linalg.cho_factor(gk + lam * np.eye(keep.size), check_finite=False)
+                    solution[np.ix_(rows, keep)] = linalg.cho_solve(factor, ck + lam * wk, check_finite=False).T
+                continue
+            except linalg.LinAlgError:  # not positive definite (rounding in XᵀX): the eigh path clamps it
+                pass
+        values, vectors = np.linalg.eigh(gk)
         values = np.maximum(values, 0.0)
-        c_rot, w_rot = vectors.T @ c[np.ix_(keep, rows)], vectors.T @ w0[np.ix_(rows, keep)].T
+        c_rot, w_rot = vectors.T @ ck, vectors.T @ wk
         for solution, ridge in zip(solutions, ridges):
             lam = ridge * scale
             solution[np.ix_(rows, keep)] = (vectors @ ((c_rot + lam * w_rot) / (values + lam)[:, None])).T
@@ -250,7 +262,12 @@ def refit_layer(fit: LinearStats, hold: LinearStats, w0: np.ndarray, mask: np.nd
     pick = held.argmin(axis=0)                                  # λ per row, by held-out error
     rows = np.arange(w0.shape[0])
     held_new = held[pick, rows]
-    w_all = np.stack(solve_rows(total, w0, mask, RIDGE_GRID))[pick, rows]
+    w_all = np.zeros_like(w0)
+    for index in np.unique(pick):  # each row's own λ only
+        chosen = pick == index
+        part = solve_rows(total, w0[chosen], None if mask is None else mask[chosen], (RIDGE_GRID[index],),
+                          outputs=np.flatnonzero(chosen))[0]
+        w_all[chosen] = part
     before, after = row_errors(total, w0), row_errors(total, w_all)
     accept = (held_new < row_errors(hold, w0)) & (after <= before)
     w = np.where(accept[:, None], w_all, w0)
