@@ -16,8 +16,8 @@ Engines:
   layer-wise ridge reconstruction of every selected layer against the teacher's activations
   (masks and low-rank pairs respected, never worse on the calibration data), then the exact
   loss on the final classifier layer with L-BFGS. The refitted model is kept only if its loss on
-  the calibration data (for a one-column output, whose softmax is constant: its mean squared
-  error to the teacher) is not higher than before (layer-wise fits are each never worse, but layers
+  the calibration data (for an output that is not [samples, classes] logits — a one-column score,
+  a detector's map —: its mean squared error to the teacher) is not higher than before (layer-wise fits are each never worse, but layers
   they cannot reach, e.g. inside subgraphs, can turn them against the logits); otherwise the
   model is left unchanged and the notes say so.
 - ``torch`` (the ``[train]`` extra; :mod:`onnxcomp.passes.distill_torch`): end-to-end Adam
@@ -139,8 +139,10 @@ class Distill(CompressionPass):
             student_after = capture(work, data, [inputs.output], ctx.batch_size)[inputs.output]
             loss_after = distill_loss(student_after, teacher_logits, labels, alpha=cfg.alpha,
                                       temperature=cfg.temperature, grad=False)
-            # a one-column output (a probability, a score) has a constant softmax: its squared error decides
-            what, before, after = ("loss", loss_before.total, loss_after.total) if student_before.shape[-1] > 1 else (
+            # the loss only for [samples, classes] logits; a one-column output (a probability, a score: constant
+            # softmax) or a map (a detector's [N, 1, H, W]: softmax over its last axis means nothing): squared error
+            logits = student_before.ndim == 2 and student_before.shape[-1] > 1
+            what, before, after = ("loss", loss_before.total, loss_after.total) if logits else (
                 "squared error to the teacher", _mse(student_before, teacher_logits), _mse(student_after, teacher_logits))
             if stats.touched and after <= before:
                 model.graph = work.graph
