@@ -260,20 +260,17 @@ def verify_model(model: ir.Model, what: str) -> None:
     A large model is checked from a temporary file (external data, mapped weights released after
     the write), never as one protobuf in memory; the session keeps no packed weights (nothing runs).
     """
-    options = session_options(prepack=False)
-    if model_nbytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
-        proto = ir.serde.serialize_model(model)
-        _check(lambda: onnx.checker.check_model(proto, full_check=False), what)
-        del proto
-        path = None
+    large = model_nbytes(model) >= IN_MEMORY_LIMIT or has_external_tensors(model)
     with tempfile.TemporaryDirectory(prefix="onnxcomp-verify-") as tmp:
-        if model_nbytes(model) >= IN_MEMORY_LIMIT or has_external_tensors(model):
-            path = os.path.join(tmp, "model.onnx")
+        path = os.path.join(tmp, "model.onnx") if large else None
+        if large:
             ir.save(model, path, external_data="model.onnx.data")
             release_external(model)  # the save read every mapped weight: unmap them
             _check(lambda: onnx.checker.check_model(path, full_check=False), what)
+        else:
+            _check(lambda: onnx.checker.check_model(ir.serde.serialize_model(model), full_check=False), what)
         try:
-            with open_session(model, options, what=what, path=path):
+            with open_session(model, session_options(prepack=False), what=what, path=path):
                 pass
         except OnnxcompError as exc:
             raise RuntimeError(str(exc)) from exc
