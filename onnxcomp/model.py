@@ -31,6 +31,7 @@ from onnx import external_data_helper
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import release_mapped
 
 __all__ = [
     "load_model",
@@ -317,10 +318,7 @@ def release_external(model: ir.Model) -> None:
     """
     for graph in _all_graphs(model.graph):
         for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                with contextlib.suppress(BufferError):
-                    tensor.release()
+            release_mapped(value)
 
 
 def model_nbytes(model: ir.Model) -> int:

@@ -3,10 +3,10 @@ the report prints. Block-quantized weights count as the logical weights they enc
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import onnx_ir as ir
+
+from onnxcomp.graph import release_mapped
 
 __all__ = ["count_params", "nonzero_params"]
 
@@ -65,7 +65,5 @@ def nonzero_params(model: ir.Model) -> int:
         if tensor is None or tensor.size <= 1:
             continue
         total += int(np.count_nonzero(tensor.numpy()))
-        if isinstance(tensor, ir.ExternalTensor):  # a mapped weight read once stays resident until unmapped
-            with contextlib.suppress(BufferError):
-                tensor.release()
+        release_mapped(tensor)  # a mapped weight read once stays resident until unmapped
     return total
