@@ -2,7 +2,10 @@
 
 Outputs are compared batch by batch and reduced as they stream. The headline
 metrics (cosine, top-1 agreement, KL, accuracy) use one output (the first unless
-named); the error metrics take the worst over all outputs.
+named); the error metrics take the worst over all outputs. The cosine is the mean over
+samples of each sample's cosine, except for an output of one value per sample (a VAD or
+wake-word probability, a score), where one sample's cosine only checks its sign: there it is
+the cosine of all samples' values as one vector.
 
 With a mask input (e.g. a BERT ``attention_mask`` [batch, seq]), positions where the
 mask is 0 (padding) are left out of the headline metrics and of the error metrics of
@@ -294,6 +297,9 @@ class _Accumulator:
         self.abs_count = 0
         self.cos_sum = 0.0
         self.rows = 0
+        self.set_dot = np.zeros(3)  # Σab, Σa², Σb² of an output with one value per sample
+        self.set_bad = False
+        self.set_rows = 0
         self.agree = 0
         self.kl_sum = 0.0
         self.classes = False
@@ -335,6 +341,11 @@ class _Accumulator:
         bad = mismatch.any(axis=1)
         finite = np.isfinite(a2) & np.isfinite(b2)  # equal non-finite values: left out of the cosine
         a2, b2 = np.where(finite, a2, 0.0), np.where(finite, b2, 0.0)
+        if keep is None and a2.shape[1] == 1:
+            x, y = a2.astype(np.float64), b2.astype(np.float64)
+            self.set_dot += [float((x * y).sum()), float((x * x).sum()), float((y * y).sum())]
+            self.set_bad |= bool(bad.any())
+            self.set_rows += len(a2)
         norm_a, norm_b = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
         norms = norm_a * norm_b
         with np.errstate(invalid="ignore", over="ignore"):
@@ -360,12 +371,20 @@ class _Accumulator:
                 self.correct_n += int(((top_n == labels) & ~bad).sum())
                 self.labelled += len(labels)
 
+    def _set_cosine(self) -> float:
+        dot, aa, bb = self.set_dot
+        if self.set_bad:
+            return -1.0
+        if aa == 0 and bb == 0:
+            return 1.0
+        return float(np.clip(dot / np.sqrt(aa * bb), -1.0, 1.0)) if aa > 0 and bb > 0 else 0.0
+
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "nonfinite_values": self.nonfinite,
             "max_abs_error": self.max_abs,
             "mean_abs_error": self.abs_sum / max(self.abs_count, 1),
-            "cosine": self.cos_sum / max(self.rows, 1),
+            "cosine": self._set_cosine() if self.set_rows else self.cos_sum / max(self.rows, 1),
             "top1_agreement": self.agree / self.rows if self.classes and self.rows else None,
             "kl": self.kl_sum / self.rows if self.classes and self.rows else None,
             "accuracy_original": None,

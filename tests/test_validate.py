@@ -222,3 +222,23 @@ def test_run_reports_the_ratio_and_note(mlp_path, val_path):
     ratio = result.report["latency_ratio"]
     assert ratio > 0 and result.gate_passed
     assert ("latency_note" in result.report) == (ratio > 1.0)
+
+
+def test_cosine_of_a_one_value_output_is_over_the_whole_set():
+    """A wake-word / VAD probability [batch, 1]: one sample's cosine is 1 whenever the signs agree, so
+    min_cosine passed any positive output. One value per sample: the cosine of all samples' values as
+    one vector (what bench/corpus.py reports)."""
+    def model(scale: float):
+        graph = helper.make_graph(
+            [helper.make_node("Mul", ["x", "k"], ["m"]), helper.make_node("Sigmoid", ["m"], ["p"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1])],
+            [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["b", 1])],
+            [numpy_helper.from_array(np.array(scale, np.float32), "k")])
+        return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    x = np.random.default_rng(0).normal(0, 4, (64, 1)).astype(np.float32)
+    original, other = model(1.0), model(-1.0)
+    p, q = 1 / (1 + np.exp(-x.ravel())), 1 / (1 + np.exp(x.ravel()))
+    got = compare(original, other, Dataset({"x": x}), batch_size=16)["cosine"]
+    assert got == pytest.approx(p @ q / (np.linalg.norm(p) * np.linalg.norm(q)), abs=1e-6) and got < 0.8
+    assert compare(original, original, Dataset({"x": x}), batch_size=16)["cosine"] == pytest.approx(1.0)

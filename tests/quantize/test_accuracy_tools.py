@@ -73,6 +73,73 @@ def test_bias_correction_goes_into_the_bias_add_after_a_matmul():
     assert "dense" in corrected.report["passes"][1]["metrics"]["bias_correction"]
 
 
+def test_bias_correction_of_a_conv_on_a_map_shorter_than_its_kernel():
+    """faster-whisper's VAD: Conv1D kernel 3, pads 1 over 1-4 frames. Only the centre tap reads data,
+    but the correction summed every tap's rounding error times the channel mean: here the edge taps'
+    error has the opposite sign, so the "correction" doubled the error (cosine 0.994 -> 0.981 on the model)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.002, (8, 64, 3))
+    w[:, :, 1] += 0.012  # centre tap: below half an int8 step, rounds to 0 -> output loses 63 x 0.012 x 0.5
+    w[:, :, 0] -= 0.012  # edge taps read only padding: their rounding changes nothing
+    w[:, :, 2] -= 0.012
+    w[0, 0, 1] = 4.0  # sets the per-tensor scale
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1], kernel_shape=[3])]
+    model = build(nodes, [tensor("x", "N", 64, 1)], [tensor("y", "N", 8, 1)], {"w": w, "b": np.zeros(8)})
+    data = lambda seed: {"x": np.random.default_rng(seed).uniform(0, 1, (256, 64, 1)).astype(np.float32)}  # noqa: E731
+    plain = static(model, data(1), data(2), per_channel=False, reduce_range=False)
+    corrected = static(model, data(1), data(2), per_channel=False, reduce_range=False, bias_correction=True)
+    before, after = mean_output_error(plain, model, data(2)), mean_output_error(corrected, model, data(2))
+    assert abs(before[0]) > 0.3
+    assert np.abs(after).max() < np.abs(before).max() / 10, (before.ravel(), after.ravel())
+
+
+def test_bias_correction_never_moves_a_mean_away_from_the_float_model():
+    """faster-whisper's VAD: the Convs after an STFT magnitude (Pow, Sqrt: float ops that rectify the
+    quantization noise of the Conv before them) see inputs whose mean is shifted; their own weight
+    rounding error happened to offset it, and correcting that alone made the output worse (cosine
+    0.994 -> 0.980). Here Abs zeroes fc1's small outputs (rounded to 0) and fc2's half-step weights
+    shift its mean the other way: fc2's correction is left out, and the mean error falls."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.004, (16, 64))
+    w1[:, 63], w1[0, 63] = 0.0, 8.0  # fc1 output 63 sets the range; outputs 0-31 ~ 0.01 round to 0
+    b1 = np.zeros(64)
+    b1[32:63] = 0.5
+    w2 = np.zeros((64, 8))
+    w2[:32], w2[32:63], w2[63] = 1.0, -0.012, 4.0  # -0.012: below half an int8 step, rounds to 0
+    nodes = [h.make_node("Gemm", ["x", "w1", "b1"], ["y1"], name="fc1"), h.make_node("Abs", ["y1"], ["a"]),
+             h.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2")]
+    model = build(nodes, [tensor("x", "N", 16)], [tensor("y", "N", 8)],
+                  {"w1": w1, "b1": b1, "w2": w2, "b2": np.zeros(8)})
+    data = lambda seed: {"x": np.random.default_rng(seed).uniform(0, 1, (256, 16)).astype(np.float32)}  # noqa: E731
+    plain = static(model, data(1), data(2), per_channel=False, reduce_range=False)
+    corrected = static(model, data(1), data(2), per_channel=False, reduce_range=False, bias_correction=True)
+    before, after = mean_output_error(plain, model, data(2)), mean_output_error(corrected, model, data(2))
+    assert np.abs(after).max() < np.abs(before).max()  # measured -0.070 -> -0.038 (fc2 corrected too: -0.224)
+    assert corrected.report["passes"][1]["metrics"]["bias_correction"]["fc2"] == 0.0
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 0, 2, 1], strides=[2, 1]), dict(auto_pad="SAME_LOWER", strides=[2, 3]),
+                                   dict(auto_pad="SAME_UPPER", group=2), dict(pads=[2, 1, 0, 1], dilations=[2, 1], group=2), dict(auto_pad="VALID")])
+def test_conv_tap_means_give_the_conv_mean_output(attrs):
+    """Σ w · ConvTapMean = the mean over samples and positions of the Conv's output, as onnxruntime
+    computes it (padding, strides, dilations, groups, auto_pad)."""
+    from onnxcomp.passes.quantize.bias_correction import ConvTapMean, _expected
+    from onnxcomp.graph import Layer
+    rng = np.random.default_rng(1)
+    group = attrs.get("group", 1)
+    w = rng.normal(0, 1, (4, 6 // group, 3, 2))
+    x = rng.uniform(0, 1, (5, 6, 7, 5)).astype(np.float32)
+    nodes = [h.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 2], **attrs)]
+    model = build(nodes, [tensor("x", "N", 6, 7, 5)], [tensor("y", "N", 4, None, None)], {"w": w})
+    node = next(iter(model.graph))
+    means = ConvTapMean(node, (3, 2))
+    means.update(x[:2])
+    means.update(x[2:])
+    expected = _expected(Layer.of(node), w, means.mean)
+    actual = run(model, {"x": x})[0].mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(expected, actual, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,per_channel", [("cnn", False), ("cnn", True), ("mlp", True)])
 def test_bias_correction_lowers_error_on_digits(name, per_channel, cnn_path, mlp_path, calib_path, val_path):
     path = cnn_path if name == "cnn" else mlp_path
@@ -174,3 +241,13 @@ def test_sensitivity_accuracy_target_needs_labels(mlp_path, calib_path):
     calib.pop("label")
     with pytest.raises(OnnxcompError, match="label"):
         static(mlp_path, calib, gate={"max_accuracy_drop": 0.0}, sensitivity=True)
+
+
+def test_sensitivity_aims_at_the_thresholds_it_can_measure(mlp_path, calib_path):
+    """The int8 recipe's gate has max_accuracy_drop and min_cosine: calibration data without labels
+    (every third-party model) stopped the run instead of aiming at min_cosine."""
+    calib = dict(np.load(calib_path))
+    calib.pop("label")
+    result = static(mlp_path, calib, gate={"max_accuracy_drop": 0.0, "min_cosine": 0.999}, sensitivity=True)
+    report = result.report["passes"][1]["metrics"]["sensitivity"]
+    assert report["met"] and report["fidelity_chosen"]["cosine"] >= 0.999

@@ -24,7 +24,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import Names, NodeSelection, label
 from onnxcomp.int8_ops import COMPUTE_OPS
 from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register, skip_subgraph_nodes
-from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers
+from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers, float_output_means
 from onnxcomp.passes.quantize.branches import quantize_if_branches
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.lstm import quantize_lstms
@@ -220,6 +220,8 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
             break
         kept_float.update(more)
     layers = float_layers(plan) if config.bias_correction else None
+    if layers:
+        float_output_means(model, layers, data, batch_size=batch_size)
     hessians = {t: stats[GRAM + t].xtx / max(stats[GRAM + t].count, 1) for t in gptq_inputs(plan)
                 if GRAM + t in stats} if config.weight_rounding == "gptq" else None
     rounded = [n.name for n, role in plan.roles.items()
