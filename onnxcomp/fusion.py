@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxcomp.int8_ops import INT8_KERNELS, QLINEAR_OPS, SHARED_SCALE_OPS
 from onnxcomp.runtime import optimized_graph
 
-__all__ = ["fusion_report", "float_fusions", "FLOAT_FUSIONS", "INT8_KERNELS", "COMPUTE_OPS"]
+__all__ = ["fusion_report", "float_fusions", "weight_only_nodes", "FLOAT_FUSIONS", "INT8_KERNELS", "COMPUTE_OPS"]
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulInteger", "ConvInteger", "MatMulNBits"})
 # non-compute ops ORT can run on int8 (QLinear* kernels, int8 data movement, Relu/Clip folded into Q)
@@ -79,6 +79,7 @@ def fusion_report(model: ir.Model, original: ir.Model | None = None) -> dict[str
     DequantizeLinear of an activation.
     """
     quantized = quantized_nodes(model)
+    weight_only = weight_only_nodes(model)
     optimized_model = optimized_graph(model)
     optimized = _Index(optimized_model.graph)
     nodes, unfused = [], []
@@ -97,6 +98,7 @@ def fusion_report(model: ir.Model, original: ir.Model | None = None) -> dict[str
         "other": {"quantized": len(other), "fused": sum(n["fused"] for n in other)},
         "fused_ratio": fused_compute / len(compute) if compute else None,
         "unfused": unfused,
+        "weight_only": len(weight_only),
         "int8_kernels": dict(sorted(optimized.kernel_counts().items())),
         "float_ops_reading_dequantized": dict(sorted(optimized.float_readers_of_dq().items())),
         "nodes": nodes,
@@ -155,12 +157,32 @@ def quantized_nodes(model: ir.Model) -> list[_Quantized]:
         elif node.op_type in COMPUTE_OPS:
             if not weights and not feeds_q and not all(_producer_op(v) in _QDQ for v in node.inputs[:2]):
                 continue  # a float compute node reading a dequantized activation: a boundary
+            if _weight_only(node):
+                continue  # int8 weight, float compute by design (weight_only_nodes)
         elif not feeds_q or node.op_type not in _INT8_CAPABLE:
             continue  # a float op reading a dequantized activation (LayerNormalization …): a boundary
         after = [c.outputs[0].name for c in consumers if c.op_type == "QuantizeLinear"] + _rescale_chain(node)
         found.append(_Quantized(node.name or outs[0].name, node.op_type, weights, dequantized,
                                 [o.name for o in outs], after))
     return found
+
+
+def weight_only_nodes(model: ir.Model) -> list[str]:
+    """Compute nodes that store an int8 weight but compute in float by design: the weight is
+    ``Mul(Cast(int8 constant), constant scale)`` (quantize_static's ``weight_only`` layers, which
+    onnxruntime constant-folds when the session starts)."""
+    return [node.name for node in model.graph if node.op_type in COMPUTE_OPS and _weight_only(node)]
+
+
+def _weight_only(node: ir.Node) -> bool:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    mul = weight.producer() if weight is not None else None
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return False
+    cast = mul.inputs[0].producer() if mul.inputs[0] is not None else None
+    return cast is not None and cast.op_type == "Cast" and mul.inputs[1] is not None \
+        and mul.inputs[1].const_value is not None and cast.inputs[0].const_value is not None \
+        and cast.inputs[0].const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 def _producer_op(value: ir.Value | None) -> str | None:

@@ -44,7 +44,7 @@ _ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention"}  # com.micros
 def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Size (file or serialized), weight bytes, params, nonzero params, MACs, op counts."""
-    from onnxcomp.model import model_nbytes
+    from onnxcomp.model import model_nbytes, model_proto
     from onnxcomp.runtime import IN_MEMORY_LIMIT
 
     weight_bytes = model_nbytes(model)
@@ -53,7 +53,7 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
 
         size = sum(os.path.getsize(f) for f in input_files(file_path) if os.path.isfile(f))
     elif weight_bytes < IN_MEMORY_LIMIT:
-        size = ir.serde.serialize_model(model).ByteSize()
+        size = model_proto(model).ByteSize()
     else:
         size = _serialized_size(model)
     params = count_params(model)
@@ -81,9 +81,10 @@ def model_summary(model: ir.Model, file_path: str | os.PathLike | None = None,
 
 def _serialized_size(model: ir.Model) -> int:
     """The model's serialized size, to a few bytes per tensor, without serializing its weights."""
-    from onnxcomp.model import STRUCTURE_ONLY, structure_proto, tensor_protos
+    from onnxcomp.model import STRUCTURE_ONLY, drop_restated_value_info, structure_proto, tensor_protos
 
     proto = structure_proto(model)
+    drop_restated_value_info(proto)
     payload = 0
     for tensor in tensor_protos(proto):
         entries = {e.key: e.value for e in tensor.external_data}

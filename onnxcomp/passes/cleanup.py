@@ -3,8 +3,10 @@
 Steps (each can be switched off):
 - ``fold_constants``: evaluate subgraphs whose inputs are all constant (onnxscript's
   folder on onnx-ir), e.g. the Transpose/Reshape of weights that TF/JAX exporters
-  emit, so later passes see plain weight initializers. Quantize/Dequantize nodes
-  are never folded (that would undo quantization).
+  emit, so later passes see plain weight initializers. Quantize/Dequantize nodes,
+  and the Cast of an int8/uint8 constant (a weight stored int8 and rescaled in
+  float, quantize_static's ``weight_only``), are never folded (that would undo
+  quantization).
 - ``fold_batchnorm``: Conv → BatchNormalization (inference mode, constant
   statistics, the Conv output used only there) becomes one Conv with rescaled
   weights and bias: W' = W·γ/√(σ²+ε) per output channel, b' = (b−μ)·γ/√(σ²+ε)+β.
@@ -107,13 +109,20 @@ _SHARED_CONSTANT = 1024  # elements: a constant this large that other nodes stil
 def _should_fold(node: ir.Node) -> bool | None:
     """False for nodes whose folding would copy a weight: a large constant input that other nodes
     also read stays alive, so folding would store it twice (the model grows). None: the folder decides."""
-    if node.op_type in _NEVER_FOLD:
+    if node.op_type in _NEVER_FOLD or _int8_weight_cast(node):
         return False
     for value in node.inputs:
         const = value.const_value if value is not None else None
         if const is not None and const.size >= _SHARED_CONSTANT and len(value.uses()) > 1:
             return False
     return None
+
+
+def _int8_weight_cast(node: ir.Node) -> bool:
+    """A Cast reading an int8/uint8 constant: a weight stored int8, rescaled in float at run time."""
+    x = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+    const = x.const_value if x is not None else None
+    return const is not None and const.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 def fold_batchnorm(graph: ir.Graph) -> list[tuple[str, str]]:

@@ -26,6 +26,14 @@ Which nodes (onnxruntime's CPU QDQ selectors decide what fuses):
 - a Relu, or a Clip with min 0, right after a compute/qlinear node is folded: the producer's
   output takes its name and its range [0, max], and the QuantizeLinear clips (as ORT's own
   quantizer does).
+- ``weight_only`` — a compute node whose int8 kernel costs more than it saves, or whose
+  activations cannot be int8, keeps float compute but stores its weight int8, rescaled by a
+  Cast and a Mul that onnxruntime constant-folds at load (the file shrinks as much; the
+  session runs the float layer at float speed):
+  a depthwise Conv (``depthwise_conv: float``: onnxruntime's CPU int8 depthwise kernel runs
+  slower than its float one), and a layer reading or writing a tensor wider than ``max_range``
+  (:func:`unquantizable`; an STFT filter bank reading raw 16-bit audio). Only where int8
+  shrinks the weight (:func:`_costs_more`) and ``options.weight_only`` is on.
 Every tensor a quantized node produces goes through its QuantizeLinear, also for float
 consumers (which get their own DequantizeLinear), so ORT can fuse the producer. Each node a
 rule keeps float is in ``plan.skipped`` with the reason.
@@ -34,7 +42,7 @@ rule keeps float is in ``plan.skipped`` with the reason.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,7 +59,7 @@ from onnxcomp.ranges import tensor_range
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
-__all__ = ["StaticPlan", "plan_static", "calibrate_plan", "gptq_inputs", "GRAM", "plan_ranges", "unquantizable", "data_inputs"]
+__all__ = ["StaticPlan", "plan_static", "depthwise", "calibrate_plan", "gptq_inputs", "GRAM", "plan_ranges", "unquantizable", "data_inputs"]
 
 _UNIT_RANGE_OUTPUTS = ("Softmax", "Sigmoid")
 GRAM = "gram:"  # calibrate_plan's key prefix for the XᵀX of a tensor (GPTQ weight rounding)
@@ -72,6 +80,7 @@ class StaticPlan:
     shares: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> tensor it takes params from
     bounds: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # hard range limits
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    weight_only: dict[ir.Node, str] = dataclasses.field(default_factory=dict)  # float compute, int8 weight -> why
     values: dict[str, ir.Value] = dataclasses.field(default_factory=dict)  # tensor name -> its float value
 
     def value(self, name: str) -> ir.Value:
@@ -89,11 +98,13 @@ class StaticPlan:
 
 
 def plan_static(model: ir.Model, options: QuantizeStaticConfig,
-                exclude: Mapping[ir.Node, str] | None = None) -> StaticPlan:
+                exclude: Mapping[ir.Node, str] | None = None,
+                weights_only: Collection[ir.Node] = ()) -> StaticPlan:
     """Decide which nodes and tensors to quantize (the model is not changed).
 
     ``exclude`` keeps more nodes float, each with the reason to report (on top of the options'
-    node selection: ``include`` / ``exclude`` / ``min_params``).
+    node selection: ``include`` / ``exclude`` / ``min_params``); those of them in
+    ``weights_only`` may still store int8 weights (``plan.weight_only``).
     """
     graph, plan, exclude = model.graph, StaticPlan(), exclude or {}
     types = value_types(model)
@@ -106,7 +117,12 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
         unselected = options.why_not(node, _params(node) if role == "compute" else None)
         why = unselected or exclude.get(node) or _ineligible(node, role, types)
         if why is None and role == "compute":
-            why = _costs_more(node, options.per_channel)
+            why = _costs_more(node, options.per_channel) or _slower_in_int8(node, options)
+        if why and role == "compute" and not unselected and options.weight_only \
+                and (node in weights_only or why == _slower_in_int8(node, options)) \
+                and _ineligible(node, role, types) is None and _costs_more(node, options.per_channel) is None:
+            plan.weight_only[node] = why
+            why = f"{why}; its weight is stored int8 (Cast and Mul by per-channel scales, which onnxruntime folds at load), the layer computes in float"
         if why and (role == "compute" or unselected or node in exclude):
             plan.skipped.append((label(node), why))
         if why:
@@ -291,6 +307,27 @@ def _costs_more(node: ir.Node, per_channel: bool) -> str | None:
     if int8_bytes >= float_bytes:
         return (f"int8 would not shrink it: {weight.size} weights in {channels} channels take {int8_bytes} bytes "
                 f"as int8 with their scales vs {float_bytes} as float")
+    return None
+
+
+def depthwise(node: ir.Node) -> bool:
+    """A Conv with one input channel per group and more than one group (MobileNet's 3x3 / 5x5)."""
+    if node.op_type != "Conv" or node.attributes.get_int("group", 1) <= 1:
+        return False
+    shape = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return shape is not None and len(shape) >= 3 and shape[1] == 1
+
+
+def _slower_in_int8(node: ir.Node, options: QuantizeStaticConfig) -> str | None:
+    """Why an int8 kernel for this compute node would run slower than the float one, or None.
+
+    onnxruntime's CPU QLinearConv for a depthwise Conv (group = channels) runs slower at batch 1
+    than its float (NCHWc) depthwise Conv over MobileNet's 3x3/5x5 shapes (``bench/depthwise.py``
+    measures it per shape), while the layer holds few weights: it computes in float.
+    """
+    if options.depthwise_conv == "float" and depthwise(node):
+        return ("depthwise Conv: onnxruntime's CPU int8 depthwise kernel runs slower than its float one "
+                "(depthwise_conv: float)")
     return None
 
 

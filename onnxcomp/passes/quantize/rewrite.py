@@ -65,6 +65,9 @@ def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[floa
             _dequantize_constant(graph, names, value, params[tensor], plan)
         else:
             _insert_qdq(graph, names, value, *initializers_of(tensor), plan)
+    rescaled: dict[int, ir.Value] = {}
+    for node in plan.weight_only:  # after the Q/DQ: a float Conv's guard (_float_guard) needs its constant weight
+        _quantize_weight_only(graph, names, node, options, rescaled)
     ir_common.RemoveUnusedNodesPass()(model)
     ir_common.TopologicalSortPass()(model)
     return params
@@ -120,6 +123,37 @@ def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params
     if bias is not None:
         bp, bq = bias_params(bias.const_value.numpy(), input_params.scale, wp)
         node.replace_input_with(2, dequantized_constant(graph, names, bias.name, bq, bp, node, zero_point=False))
+
+
+def _quantize_weight_only(graph: ir.Graph, names: Names, node: ir.Node, options,
+                          done: dict[int, ir.Value]) -> None:
+    """The weight of a float compute node stored int8: ``Mul(Cast(W_int8, float), scale)`` with one
+    scale per output channel (its bias and activations stay float).
+
+    Not a DequantizeLinear: onnxruntime keeps those for its QDQ fusions and runs them at every
+    inference, and a float Conv whose weight is computed at run time loses its NCHWc kernels,
+    while it constant-folds Cast and Mul when the session starts — the running model is the float
+    one, the file holds int8. Full 8-bit (no int8 kernel reads it: reduce_range does not apply). A
+    weight shared by several such nodes is stored once.
+    """
+    weight = node.inputs[1]
+    if id(weight) not in done:
+        array = weight.const_value.numpy()
+        axis = _weight_axis(node, array, options.per_channel)
+        wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=False, target=options.target)
+        shape = [1] * array.ndim
+        if axis is not None:
+            shape[axis] = array.shape[axis]
+        q = add_initializer(graph, names, f"{weight.name}_int8", wq)
+        scale = add_initializer(graph, names, f"{weight.name}_scale", wp.scale.reshape(shape).astype(np.float32))
+        cast = ir.node("Cast", [q], {"to": ir.DataType.FLOAT}, name=names(f"{weight.name}_Cast"))
+        cast.outputs[0].name = names(f"{weight.name}_int8_float")
+        mul = ir.node("Mul", [cast.outputs[0], scale], name=names(f"{weight.name}_rescale"))
+        mul.outputs[0].name = names(f"{weight.name}_weight_only")
+        mul.outputs[0].type, mul.outputs[0].shape = weight.type, weight.shape
+        graph.insert_before(node, [cast, mul])
+        done[id(weight)] = mul.outputs[0]
+    node.replace_input_with(1, done[id(weight)])
 
 
 def _dequantize_constant(graph: ir.Graph, names: Names, value: ir.Value, params: QParams, plan: StaticPlan) -> None:

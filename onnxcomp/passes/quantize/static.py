@@ -90,6 +90,15 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
     reduce_range: bool | Literal["auto"] = Field("auto", description=REDUCE_RANGE_HELP)
     max_range: float = Field(1e4, gt=0, description="activations whose range reaches beyond ±max_range (attention "
                                                     "masks, -inf sentinels) stay float with the nodes touching them")
+    depthwise_conv: Literal["float", "int8"] = Field(
+        "float", description="depthwise Convs (group = channels): 'float' computes them in float (onnxruntime's CPU int8 "
+                             "depthwise kernel runs slower than its float one at batch 1); their weights are int8 when "
+                             "weight_only is on")
+    weight_only: bool = Field(
+        True, description="a Conv/MatMul/Gemm left float for its activations (a range beyond max_range) or for speed "
+                          "(depthwise_conv: float) stores its weight int8 (Cast and Mul by per-channel scales) and computes "
+                          "in float: the file shrinks as for int8, onnxruntime folds the rescale when the session "
+                          "starts and runs the float layer")
     calib_samples: int = Field(512, ge=1, description="use at most this many calibration samples")
     padding_mask: str | None = Field(
         None, min_length=1, description="a padding mask input [batch, seq] ('auto': the one integer rank-2 input "
@@ -207,8 +216,9 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
     rewrites = prepare_static(model, config)
     stats = dict(stats)
     kept_float = {n: keep_float[n.name] for n in model.graph if n.name in keep_float}
+    out_of_range: dict[ir.Node, str] = {}
     while True:  # nodes touching a tensor with an absurd range (a mask) go back to float, then re-plan
-        plan = plan_static(model, config, kept_float)
+        plan = plan_static(model, config, kept_float, weights_only=out_of_range)
         missing = StaticPlan(tensors=[t for t in plan.roots() if t not in stats and t not in plan.constants])
         grams = [t for t in gptq_inputs(plan) if GRAM + t not in stats] if config.weight_rounding == "gptq" else []
         if missing.tensors or grams:
@@ -219,6 +229,7 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
         if not more:
             break
         kept_float.update(more)
+        out_of_range.update(more)
     layers = float_layers(plan) if config.bias_correction else None
     if layers:
         float_output_means(model, layers, data, batch_size=batch_size)
@@ -325,6 +336,10 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
     for node, role in plan.roles.items():
         if role == "compute":
             stats.touch(f"{label(node)}: int8 weights, {cfg.activation_type} activations")
+    for node in plan.weight_only:
+        stats.touch(f"{label(node)}: int8 weights only (rescaled in float, folded by onnxruntime at load), float compute")
+    if plan.weight_only:
+        stats.metrics["weight_only"] = [node.name for node in plan.weight_only]
     if plan.folded:
         stats.notes.append(f"{len(plan.folded)} Relu/Clip folded into the QuantizeLinear of their producer")
         stats.metrics["folded_activations"] = [act.name for act in plan.folded]
