@@ -19,8 +19,7 @@ import onnx_ir as ir
 from pydantic import Field, field_validator
 
 from onnxcomp.calibrate import Histogram, MinMax
-from onnxcomp.data import Dataset, model_inputs, padding_mask_input
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.data import Dataset
 from onnxcomp.graph import Names, NodeSelection, label
 from onnxcomp.int8_ops import COMPUTE_OPS
 from onnxcomp.passes.base import CompressionPass, FidelityEvaluator, PassConfig, PassStats, register, skip_subgraph_nodes
@@ -28,6 +27,7 @@ from onnxcomp.passes.quantize.bias_correction import bias_correct, float_layers,
 from onnxcomp.passes.quantize.branches import quantize_if_branches
 from onnxcomp.passes.quantize.equalize import EqualizeConfig, equalize_model
 from onnxcomp.passes.quantize.lstm import quantize_lstms
+from onnxcomp.passes.quantize.padding import PADDING_MASK_HELP, without_padding
 from onnxcomp.passes.quantize.int8_common import (
     EMBEDDINGS_HELP,
     REDUCE_RANGE_HELP,
@@ -100,11 +100,7 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
                           "in float: the file shrinks as for int8, onnxruntime folds the rescale when the session "
                           "starts and runs the float layer")
     calib_samples: int = Field(512, ge=1, description="use at most this many calibration samples")
-    padding_mask: str | None = Field(
-        None, min_length=1, description="a padding mask input [batch, seq] ('auto': the one integer rank-2 input "
-        "named *mask* with a dynamic seq axis): calibrate on batches of similar lengths, each cut after the last "
-        "position any of its rows marks, so padding-only columns neither widen the ranges nor cost run time (for "
-        "models whose real positions ignore padding, like BERT's attention_mask)")
+    padding_mask: str | None = Field(None, min_length=1, description=PADDING_MASK_HELP)
     histogram_bins: int = Field(2048, ge=128, multiple_of=2,
                                 description="histogram bins per tensor (percentile, mse)")
     bias_correction: bool = Field(
@@ -278,7 +274,7 @@ class QuantizeStatic(CompressionPass):
         cfg: QuantizeStaticConfig = self.config
         data = self.context.require_calib(self.name)
         data = data.head(cfg.calib_samples) if len(data) > cfg.calib_samples else data
-        data = _by_length(model, data, cfg.padding_mask, stats)
+        data = without_padding(model, data, cfg.padding_mask, stats, f"{self.name}.padding_mask")
         result = quantize_static_model(model, data, cfg, batch_size=self.context.batch_size,
                                        target=self.context.fidelity, seed=self.context.seed,
                                        progress=self.context.progress_bar("quantize_static: calibrating"))
@@ -298,26 +294,6 @@ class QuantizeStatic(CompressionPass):
         skip_subgraph_nodes(stats, model.graph, (*COMPUTE_OPS, "LSTM"), "left float (calibration sees the main "
                             "graph's tensors only, and the If branches its feeds take)", done=_quantized)
         stats.metrics["calib_samples"] = len(data)
-
-
-def _by_length(model: ir.Model, data: Dataset, padding_mask: str | None, stats: PassStats) -> Dataset:
-    """``data`` batched by length and cut after the padding (:meth:`Dataset.by_length`) when asked."""
-    if padding_mask is None:
-        return data
-    mask = padding_mask_input(model) if padding_mask == "auto" else padding_mask
-    if padding_mask != "auto" and mask not in {s.name for s in model_inputs(model)}:
-        raise OnnxcompError(f"quantize_static.padding_mask: the model has no input '{mask}' "
-                            f"(inputs: {', '.join(s.name for s in model_inputs(model))}; or 'auto')")
-    trimmed = data.by_length(mask) if mask is not None else data
-    if trimmed is data:
-        stats.notes.append(f"padding_mask {padding_mask}: no rank-2 mask input in the model and data "
-                           "(calibrating on full-width batches)")
-        return data
-    full = sum(v.shape[1] * len(v) for v in [data.inputs[mask]])
-    kept = sum(feed[mask].shape[1] * len(feed[mask]) for feed in trimmed.batches(32))
-    stats.metrics["calib_positions"] = {"mask": mask, "full_width": int(full), "after_trim_at_batch_32": int(kept)}
-    stats.notes.append(f"calibration batched by '{mask}' length: {kept:,} of {full:,} positions run (batch 32)")
-    return trimmed
 
 
 def _quantized(node: ir.Node) -> bool:

@@ -7,12 +7,14 @@ Rewrite rules (W is the constant weight, viewed as ``[N, K]``: one row per outpu
 - ``Gemm(A, B, C)`` with ``transA=0`` and constant B → ``MatMulNBits`` of ``alpha·op(B)`` (``transB``
   respected) with ``beta·C`` as its bias input when C is a constant of N elements, else ``+ Add(C)``.
 - with ``quantize_embeddings``: ``Gather(E, indices)`` on axis 0 of a constant 2-D table →
-  ``com.microsoft::GatherBlockQuantized`` (rows quantized in blocks along the hidden axis).
+  ``com.microsoft::GatherBlockQuantized`` (rows quantized in blocks along the hidden axis; tables of at
+  most ``embedding_int8_rows`` rows at 8 bits).
 
 Weights are quantized by :mod:`onnxcomp.blockquant` (block layout, scales, packing): ``rtn`` rounds
 to the nearest code; ``gptq`` feeds each column's rounding error forward through the layer's
 Hessian ``H = XᵀX / n``, collected for every target input in one calibration run over the float
-model (:func:`onnxcomp.calibrate.collect`, ``Gram`` reducer). With ``act_order`` the block scales
+model (:func:`onnxcomp.calibrate.collect`, ``Gram`` reducer; with ``padding_mask`` on length-sorted
+batches without their padding-only columns). With ``act_order`` the block scales
 are fixed from the original weights first, because MatMulNBits blocks are contiguous in K.
 
 onnxruntime 1.32's CPU kernel accepts bits 2, 4 and 8 (this pass offers 4 and 8: 2-bit loses too
@@ -50,6 +52,7 @@ from onnxcomp.graph import (
     label,
 )
 from onnxcomp.passes.base import CompressionPass, PassConfig, PassStats, register, skip_subgraph_nodes
+from onnxcomp.passes.quantize.padding import PADDING_MASK_HELP, without_padding
 
 __all__ = ["QuantizeWeights", "QuantizeWeightsConfig"]
 
@@ -75,8 +78,13 @@ class QuantizeWeightsConfig(PassConfig, NodeSelection):
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to diag(H), as a fraction of its mean")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal")
     range_search: bool = Field(False, description="per block, shrink the range if that lowers the squared error")
+    padding_mask: str | None = Field(None, min_length=1, description="gptq: " + PADDING_MASK_HELP)
     fold_bias: bool = Field(True, description="fold a following Add of a constant [N] bias into MatMulNBits")
     quantize_embeddings: bool = Field(False, description="Gather on constant 2-D tables -> GatherBlockQuantized")
+    embedding_int8_rows: int = Field(
+        0, ge=0, description="tables of at most this many rows get 8 bits whatever bits says: position and "
+                             "token-type tables, small, read by every input, and with outliers (MiniLM's position "
+                             "table reaches 75x its std: int4 costs 0.0007 cosine, int8 nothing); 0: none")
 
     @property
     def kernel_accuracy_level(self) -> int:
@@ -110,7 +118,7 @@ class QuantizeWeights(CompressionPass):
             self.context.require_calib("quantize_weights (method gptq)")
         graph = model.graph
         targets = [t for node in list(graph) if (t := self._target(node, stats)) is not None]
-        hessians = self._hessians(model, targets) if cfg.method == "gptq" and targets else {}
+        hessians = self._hessians(model, targets, stats) if cfg.method == "gptq" and targets else {}
         errors: dict[str, float] = {}
         bytes_before = bytes_after = 0
         names = Names(graph)
@@ -186,19 +194,22 @@ class QuantizeWeights(CompressionPass):
 
     # -- calibration -----------------------------------------------------------------------------
 
-    def _hessians(self, model: ir.Model, targets: list[_Target]) -> dict[str, np.ndarray]:
-        """``XᵀX / n`` of every target's input activation, in one calibration run."""
+    def _hessians(self, model: ir.Model, targets: list[_Target], stats: PassStats) -> dict[str, np.ndarray]:
+        """``XᵀX / n`` of every target's input activation, in one calibration run (without the
+        padding-only columns with ``padding_mask``)."""
         from onnxcomp.calibrate import Gram, collect
 
         data = self.context.require_calib("quantize_weights (method gptq)")
+        data = without_padding(model, data, self.config.padding_mask, stats, f"{self.name}.padding_mask")
         grams = {name: Gram() for name in dict.fromkeys(t.input_name for t in targets)}
         collect(model, data, {name: [g] for name, g in grams.items()}, batch_size=self.context.batch_size)
         return {name: g.xtx / max(g.count, 1) for name, g in grams.items() if g.xtx is not None}
 
 
 def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassStats) -> tuple[int, int]:
-    """Gather on axis 0 of constant 2-D float tables -> GatherBlockQuantized at ``cfg.bits`` /
-    ``cfg.block_size`` (round to nearest); returns the table bytes before and after. Shared by
+    """Gather on axis 0 of constant 2-D float tables -> GatherBlockQuantized at ``cfg.bits`` (8 for
+    tables of at most ``cfg.embedding_int8_rows`` rows) / ``cfg.block_size`` (round to nearest);
+    returns the table bytes before and after. Shared by
     quantize_weights and the int8 passes (their ``quantize_embeddings`` option)."""
     before = after = 0
     names = Names(model.graph)
@@ -211,17 +222,18 @@ def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassSta
             continue  # shape arithmetic and the like: not an embedding
         what = label(node)
         array = table.const_value.numpy()
-        reason = _gather_skip_reason(node, array, cfg) or _unselected(cfg, node, table, array.size)
+        bits = 8 if array.ndim == 2 and array.shape[0] <= cfg.embedding_int8_rows else cfg.bits
+        reason = _gather_skip_reason(node, array, bits) or _unselected(cfg, node, table, array.size)
         if reason:
             stats.skip(what, reason)
             continue
-        quant = quantize_rtn(array.astype(np.float64), cfg.bits, cfg.block_size, cfg.symmetric, array.dtype,
+        quant = quantize_rtn(array.astype(np.float64), bits, cfg.block_size, cfg.symmetric, array.dtype,
                              search=cfg.range_search)
         before += array.nbytes
         after += _rewrite_gather(model.graph, names, node, quant, cfg)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         stats.touch(f"{what}: {array.shape[0]}x{array.shape[1]} table -> GatherBlockQuantized "
-                    f"{cfg.bits}-bit/{cfg.block_size} (rtn), rel. error "
+                    f"{bits}-bit/{cfg.block_size} (rtn), rel. error "
                     f"{relative_error(array.astype(np.float64), quant.dequantize()):.2e}")
     return before, after
 
@@ -270,13 +282,13 @@ class _Target:
         return self.layer.shape[1]
 
 
-def _gather_skip_reason(node: ir.Node, table: np.ndarray, cfg: QuantizeWeightsConfig) -> str | None:
+def _gather_skip_reason(node: ir.Node, table: np.ndarray, bits: int) -> str | None:
     if table.ndim != 2:
         return f"table has rank {table.ndim}; only 2-D embedding tables are quantized"
     if node.attributes.get_int("axis", 0) not in (0, -2):
         return "gathers along the hidden axis"
-    if (table.shape[1] * cfg.bits) % 8:
-        return f"hidden size {table.shape[1]} does not fill whole bytes at {cfg.bits} bits"
+    if (table.shape[1] * bits) % 8:
+        return f"hidden size {table.shape[1]} does not fill whole bytes at {bits} bits"
     return None
 
 
