@@ -138,6 +138,16 @@ class Dataset:
         inputs = {k: v if self.layout(k) == SHARED else v[:n] for k, v in self.inputs.items()}
         return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts), self.trim_mask)
 
+    def spread(self, n: int) -> Dataset:
+        """``n`` samples evenly spaced over the data, in order (all of them when ``n >= len``): on
+        :meth:`by_length` data, short and long samples alike, still batched by length."""
+        if n >= len(self):
+            return self
+        keep = np.linspace(0, len(self) - 1, n).round().astype(np.int64)
+        labels = None if self.labels is None else self.labels[keep]
+        inputs = {k: v if self.layout(k) == SHARED else v[keep] for k, v in self.inputs.items()}
+        return Dataset(inputs, labels, self.source, self.fixed_batch, dict(self.layouts), self.trim_mask)
+
     def used_labels(self) -> np.ndarray | None:
         """Labels of the samples :meth:`batches` yields."""
         if self.labels is None:

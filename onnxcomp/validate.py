@@ -28,7 +28,7 @@ from onnxcomp.data import Dataset, check_label_range, model_inputs
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.gate import FIDELITY_KEYS, Gate
 from onnxcomp.int8_ops import INT8_ACTIVATION_OPS
-from onnxcomp.runtime import open_session, run_batches
+from onnxcomp.runtime import open_session, run_batches, session_options
 
 __all__ = ["Gate", "FidelityCheck", "compare", "reference_outputs", "check_gate", "check_data", "select_target",
            "Target", "AUTO_MASK", "slower_note"]
@@ -123,8 +123,9 @@ def compare(
     total = -(-len(data) // (1 if data.feedwise else data.fixed_batch or batch_size))
     masked: dict[str, None] = {}
     kept = positions = 0
-    with (open_session(original, what="original model") if reference is None else contextlib.nullcontext()) \
-            as s_orig, open_session(compressed, what="compressed model") as s_new:
+    opts = session_options(spinning=False)  # throughput: idle threads of a shared CPU must not spin
+    with (open_session(original, opts, what="original model") if reference is None else contextlib.nullcontext()) \
+            as s_orig, open_session(compressed, opts, what="compressed model") as s_new:
         names_o = [o.name for o in (s_orig.get_outputs() if s_orig else original.graph.outputs)]
         names_n = [o.name for o in s_new.get_outputs()]
         if names_o != names_n:
@@ -187,7 +188,7 @@ def reference_outputs(model: ir.Model, data: Dataset, batch_size: int = 32, *,
                       path: str | None = None) -> list[list[np.ndarray]]:
     """``model``'s outputs per batch of ``data``, for :func:`compare`'s ``reference``.
     ``path``: the unchanged file of ``model`` (see :func:`onnxcomp.runtime.open_session`)."""
-    with open_session(model, what="original model", path=path) as session:
+    with open_session(model, session_options(spinning=False), what="original model", path=path) as session:
         return [list(out) for out in run_batches(session, data.batches(batch_size))]
 
 

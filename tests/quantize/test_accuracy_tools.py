@@ -251,3 +251,52 @@ def test_sensitivity_aims_at_the_thresholds_it_can_measure(mlp_path, calib_path)
     result = static(mlp_path, calib, gate={"max_accuracy_drop": 0.0, "min_cosine": 0.999}, sensitivity=True)
     report = result.report["passes"][1]["metrics"]["sensitivity"]
     assert report["met"] and report["fidelity_chosen"]["cosine"] >= 0.999
+
+
+def test_sqnr_loo_keeps_the_same_layers_float_as_leave_one_out(mlp_path, cnn_path, calib_path):
+    # the fast ranking (sqnr, then leave-one-out on sqnr's top 2k) against leave-one-out on every node;
+    # on the MLP sqnr alone keeps fc1 float too (the most noise added, little harm to the logits)
+    for model in (mlp_path, cnn_path):
+        loo, fast = (static(model, calib_path, gate={"min_cosine": 0.99999}, method="percentile", sensitivity=True,
+                            sensitivity_ranking=ranking).report["passes"][1]["metrics"]["sensitivity"]
+                     for ranking in ("leave_one_out", "sqnr_loo"))
+        assert loo["met"] and fast["met"] and fast["ranking"] == "sqnr_loo"
+        assert set(fast["kept_float"]) == set(loo["kept_float"]) and 1 <= len(loo["kept_float"]) < len(loo["harm"])
+        measured = [item for item in fast["harm"] if "loss_removed" in item]  # leave-one-out re-ranked sqnr's top
+        assert measured == fast["harm"][:len(measured)] and len(measured) >= len(fast["kept_float"])
+        assert [m["loss_removed"] for m in measured] == sorted((m["loss_removed"] for m in measured), reverse=True)
+
+
+def test_float_restorer_edits_the_quantized_model_like_a_requantization(cnn_path, calib_path):
+    """Trial models are the all-quantized model with nodes rewired to float: with every node restored
+    it computes the float model (the folded Relus come back, no Q/DQ left in between); with one
+    Conv restored it matches quantizing with that Conv excluded, and onnxruntime keeps it float."""
+    from onnxcomp.data import load_data
+    from onnxcomp.passes.quantize.sensitivity import FloatRestorer
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig, quantize_static_model
+    from onnxcomp.runtime import optimized_graph
+
+    model = compress(cnn_path, {"passes": ["cleanup"]}, latency_runs=0).model
+    data = load_data(calib_path, model)
+    config = QuantizeStaticConfig(method="percentile", per_channel=False)
+    quantized, twin = model.clone(), model.clone()
+    first = quantize_static_model(quantized, data, config)
+    units = [n.name for n, role in first.plan.roles.items() if role == "compute"]
+    quantize_static_model(twin, data, config, stats=first.stats, keep_float={u: "twin" for u in units})
+    restorer = FloatRestorer(quantized, twin)
+    nodes = [(n.op_type, [v.name if v is not None else None for v in n.inputs]) for n in quantized.graph]
+    feeds = {"input": data.inputs["input"][:64]}
+
+    everything = restorer.model(units)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in everything.graph)
+    np.testing.assert_allclose(run(everything, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+    conv = "/features/features.3/Conv"
+    edited = restorer.model([conv])
+    excluded = model.clone()
+    quantize_static_model(excluded, data, config, stats=first.stats, keep_float={conv: "test"})
+    np.testing.assert_allclose(run(edited, feeds)[0], run(excluded, feeds)[0], rtol=1e-4, atol=1e-4)
+    kernels = [n.op_type for n in optimized_graph(edited).graph]
+    assert kernels.count("QLinearConv") == 1 and kernels.count("Conv") + kernels.count("FusedConv") == 1
+    assert nodes == [(n.op_type, [v.name if v is not None else None for v in n.inputs])
+                     for n in quantized.graph]  # edits are made on copies

@@ -27,7 +27,7 @@ from onnxcomp.qparams import QParams, activation_params, bias_params, weight_par
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
-__all__ = ["apply_static"]
+__all__ = ["apply_static", "float_guard"]
 
 
 def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
@@ -181,7 +181,7 @@ def _insert_qdq(graph: ir.Graph, names: Names, value: ir.Value, scale: ir.Value,
             q_node = quantize_linear(value, scale, zero, names, value.name)
             insert_at_producer(graph, value, q_node)
         s, z, axis = scale, zero, None
-        guard = _float_guard(consumer) if consumer is not None and consumer not in plan.roles else None
+        guard = float_guard(consumer) if consumer is not None and consumer not in plan.roles else None
         if guard is not None:
             axis, channels = guard
             s = add_initializer(graph, names, f"{scale.name}_per_axis", np.tile(scale.const_value.numpy(), channels))
@@ -201,7 +201,7 @@ def _insert_qdq(graph: ir.Graph, names: Names, value: ir.Value, scale: ir.Value,
         out.name = name
 
 
-def _float_guard(node: ir.Node) -> tuple[int, int] | None:
+def float_guard(node: ir.Node) -> tuple[int, int] | None:
     """(axis, channels) for a per-axis DequantizeLinear in front of a float Conv/ConvTranspose/Gemm.
 
     ORT quantizes such a node itself (WeightBiasQuantization: per-tensor weights) when its input

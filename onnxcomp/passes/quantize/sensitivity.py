@@ -2,11 +2,25 @@
 
 :func:`sensitivity_search` quantizes, measures the recipe's gate on calibration data and, while
 it fails, returns layers to float: the quantized nodes are ranked most harmful first, then the
-smallest prefix of that ranking meeting the gate is found by doubling and bisection. Two
-rankings: ``sqnr`` (one pass: the float and the all-quantized model run once side by side, each
-node scored by the noise it adds — its output's noise-to-signal ratio minus that of its
-float input before quantization) or ``leave_one_out`` (each node's harm measured on the gate's
-metric by quantizing everything but that node: one quantize and one run per node). The measuring is the run's: the pass gets a
+smallest prefix of that ranking meeting the gate is found by doubling and bisection.
+
+Rankings (``sensitivity_ranking``):
+
+- ``leave_one_out``: each node's harm is the gate's loss removed by keeping that node alone
+  float (one run per node);
+- ``sqnr``: one run of the float and the all-quantized model side by side, each node scored by
+  the noise it adds (its output's noise-to-signal ratio minus that of the float tensor its input
+  is quantized from);
+- ``sqnr_loo``: ``sqnr``, then the top ``2k`` of it (``k``: the prefix meeting the gate by
+  ``sqnr``) re-ranked by leave-one-out — the noise a node adds is not always the harm it does to
+  the gate's metric (an attention score MatMul before a softmax adds much noise and does little
+  harm), so this keeps the sets of ``leave_one_out`` at a fraction of its runs.
+
+Trial models (leave-one-out runs and the bisection) are not re-quantized: each is a copy of the
+one all-quantized model with the chosen nodes rewired to their float weights, biases and inputs
+(:class:`FloatRestorer`). The chosen set is then quantized for real and measured once; if that
+misses the gate (a re-plan differs slightly from an edit), more of the ranking goes float, each
+step measured for real, until it holds. The measuring is the run's: the pass gets a
 :class:`~onnxcomp.passes.base.FidelityEvaluator` through its context (the pipeline gives it one
 built from the recipe's gate), so this module does not import the validator.
 """
@@ -15,18 +29,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import Names
+from onnxcomp.int8_ops import SHARED_SCALE_OPS
+from onnxcomp.passes.quantize.rewrite import float_guard
 from onnxcomp.passes.base import FidelityEvaluator
 from onnxcomp.runtime import open_session, run_batches, session_options
 
-__all__ = ["sensitivity_search", "SensitivityReport"]
+__all__ = ["sensitivity_search", "SensitivityReport", "FloatRestorer", "Ranking"]
+
+Ranking = Literal["sqnr", "sqnr_loo", "leave_one_out"]
 
 
 @dataclasses.dataclass
@@ -42,98 +62,264 @@ class SensitivityReport:
     met: bool
     trials: int
     seconds: float
-    ranking: str = "leave_one_out"  # sqnr: score = noise added; leave_one_out: score = loss removed by keeping it float
+    ranking: str = "leave_one_out"
+    requantized: int = 0  # trials quantized for real (the others are edits of the all-quantized model)
+    loss_removed: dict[str, float] = dataclasses.field(default_factory=dict)  # leave-one-out, where measured
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("cosine", "top1_agreement", "kl", "mean_abs_error", "max_abs_error", "accuracy_drop")
         score = "loss_removed" if self.ranking == "leave_one_out" else "added_noise"
+        harm = []
+        for node, value in self.harm:
+            item = {"node": node, score: round(value, 6)}
+            if self.ranking == "sqnr_loo" and node in self.loss_removed:
+                item["loss_removed"] = round(self.loss_removed[node], 6)
+            harm.append(item)
         return {"target": self.target, "samples": self.samples, "met": self.met, "kept_float": self.kept_float,
-                "ranking": self.ranking, "harm": [{"node": n, score: round(h, 6)} for n, h in self.harm],
+                "ranking": self.ranking, "harm": harm,
                 "fidelity_all_quantized": {k: self.fidelity_all.get(k) for k in keys},
                 "fidelity_chosen": {k: self.fidelity_chosen.get(k) for k in keys},
-                "trials": self.trials, "seconds": round(self.seconds, 2)}
+                "trials": self.trials, "requantized": self.requantized, "seconds": round(self.seconds, 2)}
 
 
 def sensitivity_search(base: ir.Model, data: Dataset, judge: FidelityEvaluator | None,
                        quantize: Callable[[ir.Model, Mapping[str, str], bool], list[str]], *,
-                       batch_size: int = 32, ranking: Literal["sqnr", "leave_one_out"] = "leave_one_out",
+                       batch_size: int = 32, ranking: Ranking = "leave_one_out",
                        ) -> tuple[Mapping[str, str], SensitivityReport]:
     """Which nodes of the float model ``base`` to keep float so that its quantized copy meets
     ``judge``'s thresholds on ``data``.
 
     ``quantize(model, keep_float, final)`` quantizes ``model`` in place keeping the named nodes
     float and returns the names of the nodes it quantized; ``final`` False allows a cheaper
-    rewrite (no bias correction) for the ranking models. ``base`` is not changed. ``ranking``:
-    how nodes are ordered (module docstring); whichever, the chosen set meets the gate when
-    any prefix of the ranking does, and is the smallest such prefix found by bisection.
+    rewrite (no bias correction) for the float twin. ``base`` is not changed. ``ranking``: how
+    nodes are ordered (module docstring). The returned set was quantized for real and measured:
+    it meets the gate whenever keeping the whole ranking float does, and it is a prefix of the
+    ranking — the smallest one by bisection over the edited trial models, extended while the
+    real quantization misses.
     """
     if judge is None or not judge.thresholds:
         raise OnnxcompError("quantize_static.sensitivity: needs a fidelity threshold in the recipe's gate "
                             "(min_cosine, max_accuracy_drop, min_top1_agreement, max_kl, max_mean_abs_error "
                             "or max_abs_error) to aim at")
     start = time.perf_counter()
-    trials = 0
     reference = judge.reference(base, data, batch_size)
+    counts = {"trials": 0, "requantized": 0}
 
-    def evaluate(keep: Mapping[str, str], final: bool = True) -> tuple[dict[str, Any], list[str], ir.Model]:
-        nonlocal trials
-        trials += 1
+    def measure(model: ir.Model) -> dict[str, Any]:
+        counts["trials"] += 1
+        return judge.measure(base, model, data, reference, batch_size)
+
+    def requantize(keep: Mapping[str, str]) -> dict[str, Any]:
+        counts["requantized"] += 1
         model = base.clone()
-        quantized = quantize(model, keep, final)
-        return judge.measure(base, model, data, reference, batch_size), quantized, model
+        quantize(model, keep, True)
+        return measure(model)
 
-    fid_all, units, all_quantized = evaluate({})
+    all_quantized = base.clone()
+    units = quantize(all_quantized, {}, True)
+    counts["requantized"] += 1
+    fid_all = measure(all_quantized)
     failures, unchecked = judge.failures(fid_all)
     if len(unchecked) >= len(judge.thresholds):  # some thresholds measurable (min_cosine without labels): aim at those
         raise OnnxcompError(f"quantize_static.sensitivity: cannot measure the gate on the calibration data "
                             f"({unchecked[0]}): give the calibration .npz a 'label' array or use min_cosine")
-    report = SensitivityReport(dict(judge.target), len(data), [], [], fid_all, fid_all, not failures, trials, 0.0,
+    report = SensitivityReport(dict(judge.target), len(data), [], [], fid_all, fid_all, not failures, 0, 0.0,
                                ranking)
-    if not failures:
-        report.seconds = time.perf_counter() - start
-        return {}, report
-    if ranking == "sqnr":
+    if failures:
         float_twin = base.clone()  # prepared like the quantized model (same node names), nothing quantized
         quantize(float_twin, {u: "sensitivity: float twin" for u in units}, False)
-        harm = added_noise(float_twin, all_quantized, units, data, batch_size)
-    else:
+        restorer = FloatRestorer(all_quantized, float_twin)
         loss_all = judge.loss(fid_all)
-        harm = []
-        for unit in units:  # leave-one-out: how much of the loss this node alone causes
-            fid = evaluate({unit: "sensitivity"}, final=False)[0]
-            harm.append((unit, loss_all - judge.loss(fid)))
-    del all_quantized
-    order = [n for n, _ in sorted(harm, key=lambda item: -item[1])]  # stable: ties keep graph order
 
-    def keep_of(k: int) -> dict[str, str]:
-        return {n: f"sensitivity: kept float (harm rank {i + 1} of {len(order)})" for i, n in enumerate(order[:k])}
+        def loss_removed(nodes: Iterable[str]) -> list[tuple[str, float]]:
+            return [(u, loss_all - judge.loss(measure(restorer.model([u])))) for u in nodes]
 
-    results: dict[int, dict[str, Any]] = {}
+        def edited_holds(order: list[str]) -> Callable[[int], bool]:
+            return lambda k: not judge.failures(measure(restorer.model(order[:k])))[0]
 
-    def holds(k: int) -> bool:
+        if ranking == "leave_one_out":
+            harm = loss_removed(units)
+            report.loss_removed = dict(harm)
+        else:
+            harm = added_noise(float_twin, all_quantized, units, data, batch_size)
+        order = [n for n, _ in sorted(harm, key=lambda item: -item[1])]  # stable: ties keep graph order
+        high = smallest_prefix(edited_holds(order), len(order))
+        if ranking == "sqnr_loo" and high > 0:
+            top = order[:min(len(order), 2 * high)]
+            report.loss_removed = dict(loss_removed(top))
+            order = sorted(top, key=lambda n: -report.loss_removed[n]) + order[len(top):]
+            high = smallest_prefix(edited_holds(order), len(order))
+        scores = dict(harm)
+        report.harm = [(n, scores[n]) for n in order]
+        chosen = requantize(_keep(order, high))
+        step = 1
+        while judge.failures(chosen)[0] and high < len(order):  # an edit is not a re-plan: extend for real
+            high = min(len(order), high + step)
+            step *= 2
+            chosen = requantize(_keep(order, high))
+        report.kept_float = order[:high]
+        report.fidelity_chosen = chosen
+        report.met = not judge.failures(chosen)[0]
+    report.trials, report.requantized = counts["trials"], counts["requantized"]
+    report.seconds = time.perf_counter() - start
+    return _keep(report.kept_float, len(report.kept_float)), report
+
+
+def _keep(order: list[str], k: int) -> dict[str, str]:
+    return {n: f"sensitivity: kept float (harm rank {i + 1} of {len(order)})" for i, n in enumerate(order[:k])}
+
+
+def smallest_prefix(holds: Callable[[int], bool], n: int) -> int:
+    """The smallest ``k`` in 1..n with ``holds(k)`` by doubling then bisection (``holds(0)`` is
+    taken to fail; each ``k`` is asked at most once); ``n`` when none holds."""
+    results: dict[int, bool] = {}
+
+    def ask(k: int) -> bool:
         if k not in results:
-            results[k] = evaluate(keep_of(k))[0]
-        return not judge.failures(results[k])[0]
+            results[k] = holds(k)
+        return results[k]
 
-    low, high = 0, 1  # low fails; find the smallest high that holds
-    while high < len(order) and not holds(high):
-        low, high = high, min(2 * high, len(order))
-    if high >= len(order) and not holds(len(order)):
-        high = len(order)  # even all float fails (the gate cannot be met by quantize_static): keep all float
+    low, high = 0, 1
+    while high < n and not ask(high):
+        low, high = high, min(2 * high, n)
+    if high >= n and not ask(n):
+        return n
     while high - low > 1:
         mid = (low + high) // 2
-        if holds(mid):
+        if ask(mid):
             high = mid
         else:
             low = mid
-    chosen = results.get(high) or evaluate(keep_of(high))[0]
-    report.kept_float = order[:high]
-    report.harm = sorted(harm, key=lambda item: -item[1])
-    report.fidelity_chosen = chosen
-    report.met = not judge.failures(chosen)[0]
-    report.trials = trials
-    report.seconds = time.perf_counter() - start
-    return keep_of(high), report
+    return high
+
+
+class FloatRestorer:
+    """Trial models for the search: copies of ``quantized`` with some nodes back in float.
+
+    ``float_twin`` is the same float model prepared like ``quantized`` but not quantized (same
+    node and tensor names). A restored node reads the twin's float constants (weight, bias)
+    instead of their DequantizeLinear, and for a dequantized activation the float tensor its
+    QuantizeLinear reads, unless that tensor still comes quantized: from a quantized node that
+    is not restored, or with a Relu/Clip folded into the QuantizeLinear (the clip is the
+    activation). A data-movement op (Reshape, Transpose, MaxPool…) between a float source and a
+    restored node is rewired to the float source too. Q/DQ nodes left without readers are
+    removed. Cheap (no calibration, no weight rounding); it can differ from quantizing with the
+    nodes excluded where a re-plan would change more neighbours, so the search quantizes its
+    final choice for real.
+    """
+
+    def __init__(self, quantized: ir.Model, float_twin: ir.Model):
+        self.quantized = quantized
+        self.float_inputs = {n.name: list(n.inputs) for n in float_twin.graph}
+        self.float_producers = {v.name: n for n in float_twin.graph for v in n.outputs if v.name}
+        self.quantized_nodes = {n.name for n in quantized.graph if _reads_dequantized(n)}  # before any edit
+
+    def model(self, nodes: Iterable[str]) -> ir.Model:
+        model = self.quantized.clone()
+        graph = model.graph
+        restored = set(nodes)
+        by_name = {n.name: n for n in graph}
+        constants: dict[int, ir.Value] = {}
+        names = Names(graph)
+        self._edit = (graph, names, {})  # the graph being edited, its names, re-inserted activations
+        for name in sorted(restored):
+            node, originals = by_name.get(name), self.float_inputs.get(name)
+            if node is None or originals is None:
+                continue
+            for index, (now, original) in enumerate(zip(node.inputs, originals)):
+                if not _dequantized(now) or original is None:
+                    continue
+                if original.const_value is not None:
+                    if id(original) not in constants:
+                        constants[id(original)] = ir.Value(
+                            name=names(f"{original.name}_float"), shape=original.shape,
+                            type=original.type, const_value=original.const_value)
+                        graph.register_initializer(constants[id(original)])
+                    node.replace_input_with(index, constants[id(original)])
+                    continue
+                source = self._float_source(now, restored)
+                if source is not None:
+                    node.replace_input_with(index, source)
+            if _dequantized(node.inputs[0]):
+                self._guard(node)
+        ir_common.RemoveUnusedNodesPass()(model)
+        return model
+
+    def _float_source(self, value: ir.Value, restored: set[str]) -> ir.Value | None:
+        """The float tensor the dequantized activation ``value`` stands for, when it does not stay
+        quantized with ``restored`` in float (None: it does, read it dequantized)."""
+        q = value.producer().inputs[0].producer()
+        if q is None or q.op_type != "QuantizeLinear":
+            return None
+        x = q.inputs[0]
+        producer = x.producer()
+        if producer is None:
+            return x
+        if producer.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            return None
+        folded = self.float_producers.get(x.name)
+        if folded is not None and folded.op_type != producer.op_type:  # a Relu/Clip folded into the Q
+            return self._activation(x, folded) if producer.name in restored else None
+        if producer.name in restored or producer.name not in self.quantized_nodes:
+            return x
+        if producer.op_type in SHARED_SCALE_OPS and _dequantized(producer.inputs[0]):
+            source = self._float_source(producer.inputs[0], restored)
+            if source is not None:
+                producer.replace_input_with(0, source)
+                return x
+        return None
+
+
+    def _guard(self, node: ir.Node) -> None:
+        """A float Conv/Gemm reading a per-tensor DequantizeLinear whose output is quantized would be
+        re-quantized by onnxruntime itself: read a per-axis copy instead (as the rewrite does)."""
+        guard = float_guard(node)
+        dq = node.inputs[0].producer()
+        if guard is None or dq.attributes.get_int("axis") is not None or len(dq.inputs) < 3:
+            return
+        graph, names, _ = self._edit
+        axis, channels = guard
+        scale, zero = (ir.Value(name=names(f"{v.name}_per_axis"), const_value=ir.tensor(np.tile(v.const_value.numpy(), channels)))
+                       for v in dq.inputs[1:3])
+        graph.register_initializer(scale)
+        graph.register_initializer(zero)
+        copy = ir.node("DequantizeLinear", [dq.inputs[0], scale, zero], {"axis": axis}, name=names(f"{dq.name}_per_axis"))
+        copy.outputs[0].name = names(f"{dq.outputs[0].name}_per_axis")
+        copy.outputs[0].type, copy.outputs[0].shape = dq.outputs[0].type, dq.outputs[0].shape
+        graph.insert_after(dq, copy)
+        node.replace_input_with(0, copy.outputs[0])
+
+    def _activation(self, x: ir.Value, float_node: ir.Node) -> ir.Value:
+        """``float_node`` (the twin's Relu/Clip whose output name ``x`` took when it was folded)
+        applied to ``x`` again, inserted after ``x``'s producer."""
+        graph, names, done = self._edit
+        if x.name not in done:
+            inputs = [x]
+            for extra in float_node.inputs[1:]:  # Clip's min/max constants
+                value = None
+                if extra is not None:
+                    value = ir.Value(name=names(f"{extra.name}_float"), shape=extra.shape, type=extra.type,
+                                     const_value=extra.const_value)
+                    graph.register_initializer(value)
+                inputs.append(value)
+            node = ir.Node(float_node.domain, float_node.op_type, inputs, attributes=list(float_node.attributes.values()),
+                           name=names(f"{float_node.name}_float"))
+            node.outputs[0].name = names(f"{x.name}_float")
+            node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
+            graph.insert_after(x.producer(), node)
+            done[x.name] = node.outputs[0]
+        return done[x.name]
+
+
+def _dequantized(value: ir.Value | None) -> bool:
+    return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+
+
+def _reads_dequantized(node: ir.Node) -> bool:
+    """``node`` is a quantized node: not a Q/DQ itself, and some input comes from a DequantizeLinear."""
+    return node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
+        v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+        for v in node.inputs)
 
 
 def added_noise(float_model: ir.Model, quantized: ir.Model, units: list[str], data: Dataset,

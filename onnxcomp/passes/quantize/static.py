@@ -118,15 +118,17 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
         False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
                            "on the calibration data, return the most harmful quantized nodes to float "
                            "(ranked by sensitivity_ranking, then doubling + bisection); the chosen set is reported")
-    sensitivity_ranking: Literal["sqnr", "leave_one_out"] = Field(
+    sensitivity_ranking: Literal["sqnr", "sqnr_loo", "leave_one_out"] = Field(
         "leave_one_out", description="how the sensitivity search orders nodes, most harmful first: leave_one_out = "
-        "the gate's metric with all but that node quantized (one quantize and one run per node: slow, the smallest "
-        "sets); sqnr = one run of the float and the quantized model, each node scored by the noise-to-signal ratio "
-        "it adds (one pass: several times faster on transformers, may keep more nodes float)")
+        "the gate's metric with all but that node quantized (one run per node: the smallest sets); sqnr = one run "
+        "of the float and the quantized model, each node scored by the noise-to-signal ratio it adds (fastest, may "
+        "keep more nodes float); sqnr_loo = sqnr, then its top 2k re-ranked by leave-one-out (k: the set sqnr "
+        "alone would keep float)")
     quantize_embeddings: bool = Field(True, description=EMBEDDINGS_HELP)
     embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
     sensitivity_samples: int = Field(64, ge=1, description="calibration samples the sensitivity search evaluates "
-                                                           "each trial on (the ranking, then a bisection)")
+                                                           "each trial on (the ranking, then a bisection); with "
+                                                           "padding_mask, spread over all lengths")
 
 
     @field_validator("method", mode="before")
@@ -198,7 +200,8 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
             stats.update(r.stats)
             return [n.name for n, role in r.plan.roles.items() if role != "shared"]
 
-        chosen, report = sensitivity_search(model.clone(), data.head(min(len(data), config.sensitivity_samples)),
+        sample = data.spread(config.sensitivity_samples) if data.trim_mask else data.head(config.sensitivity_samples)
+        chosen, report = sensitivity_search(model.clone(), sample,
                                             target, trial, batch_size=batch_size,
                                             ranking=config.sensitivity_ranking)
         keep.update(chosen)
