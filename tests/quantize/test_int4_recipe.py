@@ -48,13 +48,14 @@ def test_recipe_passes_its_gate_on_real_tokens_and_runs_in_onnxruntime(shipped, 
     assert hidden.shape[:2] == feed["input_ids"].shape and np.isfinite(hidden).all()
 
 
-def test_recipe_uses_padding_free_gptq_hessians(shipped):
+def test_recipe_uses_padding_free_gptq_statistics_and_bias_correction(shipped):
     quant = next(p for p in shipped.report["passes"] if p["name"] == "quantize_weights")
     positions = quant["metrics"]["calib_positions"]
     real = int(np.load(CALIB)["attention_mask"].sum())
     assert positions["mask"] == "attention_mask"
     assert real <= positions["after_trim_at_batch_32"] < positions["full_width"]
     assert all("(gptq)" in t for t in quant["touched"] if "MatMulNBits" in t)
+    assert any(note.startswith("bias_correction") for note in quant["notes"])
 
 
 def test_recipe_without_calib_exits_2_before_any_work(tmp_path, capsys):

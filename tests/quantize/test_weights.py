@@ -225,6 +225,45 @@ def test_gptq_has_lower_error_than_rtn(mlp, val, calib):
     assert ir.serde.serialize_model(gptq).SerializeToString() == ir.serde.serialize_model(again).SerializeToString()
 
 
+def _offset_matmul(k=96, n=32, bias=True):
+    """x @ W (+ b) with inputs far from zero mean (as after LayerNorm / GELU), and calibration data for it."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y" if not bias else "xw"], name="mm")]
+    inits = [numpy_helper.from_array(w, "w")]
+    if bias:
+        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"], name="add"))
+        inits.append(numpy_helper.from_array(rng.normal(size=n).astype(np.float32), "b"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = (rng.normal(size=(512, k)) * 0.5 + rng.normal(size=k) * 2).astype(np.float32)
+    return model, load_data({"x": x}, model), x
+
+
+@pytest.mark.parametrize("method, bias", [("rtn", True), ("gptq", True), ("gptq", False)])
+def test_bias_correction_cancels_the_mean_output_error(method, bias):
+    model, data, x = _offset_matmul(bias=bias)
+    reference = run(model, {"x": x})
+    plain, _ = quantized(model, data, method=method)
+    corrected, stats = quantized(model, data, method=method, bias_correction=True)
+    node = next(n for n in corrected.graph if n.op_type == "MatMulNBits")
+    assert len(node.inputs) == 6 and node.inputs[5] is not None  # the bias input carries the correction
+    error = {name: run(m, {"x": x}) - reference for name, m in (("plain", plain), ("corrected", corrected))}
+    scale = np.abs(reference).mean()
+    assert np.abs(error["corrected"].mean(axis=0)).max() < 1e-4 * scale  # exactly cancelled on the calibration data
+    assert np.abs(error["plain"].mean(axis=0)).max() > 1e-3 * scale
+    mse = {name: float((e ** 2).mean()) for name, e in error.items()}
+    assert mse["corrected"] < mse["plain"]
+    assert any("bias_correction" in note for note in stats.notes)
+
+
+def test_bias_correction_needs_calibration_data():
+    model, _, _ = _offset_matmul()
+    with pytest.raises(OnnxcompError, match="bias_correction.*needs calibration data"):
+        quantized(model, bias_correction=True)
+
+
 def test_accuracy_level_auto_is_float_for_int4_and_int8_compute_for_int8(mlp):
     for bits, level in ((4, None), (8, 4)):
         out, stats = quantized(mlp, bits=bits)

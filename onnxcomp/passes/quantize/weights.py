@@ -78,7 +78,11 @@ class QuantizeWeightsConfig(PassConfig, NodeSelection):
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to diag(H), as a fraction of its mean")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal")
     range_search: bool = Field(False, description="per block, shrink the range if that lowers the squared error")
-    padding_mask: str | None = Field(None, min_length=1, description="gptq: " + PADDING_MASK_HELP)
+    bias_correction: bool = Field(
+        False, description="needs --calib: the bias absorbs the mean output error (W_q - W)·E[x] (MatMulNBits' "
+                           "bias input), and gptq fits the rounding to the inputs' covariance instead of XᵀX/n: "
+                           "the part of the error a bias cannot cancel")
+    padding_mask: str | None = Field(None, min_length=1, description="gptq / bias_correction: " + PADDING_MASK_HELP)
     fold_bias: bool = Field(True, description="fold a following Add of a constant [N] bias into MatMulNBits")
     quantize_embeddings: bool = Field(False, description="Gather on constant 2-D tables -> GatherBlockQuantized")
     embedding_int8_rows: int = Field(
@@ -106,24 +110,25 @@ class QuantizeWeights(CompressionPass):
     name = "quantize_weights"
     summary = "weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ; optional embeddings"
     Config = QuantizeWeightsConfig
-    needs_calibration = False  # only method gptq needs it (calibration_needed): checked before any work
+    needs_calibration = False  # only gptq / bias_correction need it (calibration_needed): checked before any work
 
     @classmethod
     def calibration_needed(cls, config: PassConfig) -> bool:
-        return getattr(config, "method", "rtn") == "gptq"
+        return getattr(config, "method", "rtn") == "gptq" or getattr(config, "bias_correction", False)
 
     def run(self, model: ir.Model, stats: PassStats) -> None:
         cfg: QuantizeWeightsConfig = self.config
-        if cfg.method == "gptq":
-            self.context.require_calib("quantize_weights (method gptq)")
+        if self.calibration_needed(cfg):
+            self.context.require_calib(_uses_data(cfg))
         graph = model.graph
         targets = [t for node in list(graph) if (t := self._target(node, stats)) is not None]
-        hessians = self._hessians(model, targets, stats) if cfg.method == "gptq" and targets else {}
+        moments = self._input_moments(model, targets, stats) if self.calibration_needed(cfg) and targets else {}
         errors: dict[str, float] = {}
         bytes_before = bytes_after = 0
         names = Names(graph)
         for target in targets:
-            h = hessians.get(target.input_name)
+            m = moments.get(target.input_name)
+            h = None if m is None or cfg.method != "gptq" else m.covariance if cfg.bias_correction else m.second
             if h is None:
                 quant = quantize_rtn(target.weight, cfg.bits, cfg.block_size, cfg.symmetric, target.dtype,
                                      search=cfg.range_search)
@@ -131,8 +136,11 @@ class QuantizeWeights(CompressionPass):
                 quant = quantize_gptq(target.weight, h, cfg.bits, cfg.block_size, cfg.symmetric, target.dtype,
                                       damp=cfg.damp, act_order=cfg.act_order, search=cfg.range_search)
             errors[target.node.name] = relative_error(target.weight, quant.dequantize(), h)
+            shift = None
+            if cfg.bias_correction and m is not None:  # the mean of the output error, cancelled by the bias
+                shift = -((quant.dequantize().astype(np.float64) - target.weight) @ m.mean)
             bytes_before += target.weight.size * np.dtype(target.dtype).itemsize
-            bytes_after += _rewrite_matmul(graph, names, target, quant, cfg)
+            bytes_after += _rewrite_matmul(graph, names, target, quant, cfg, shift)
             method = "gptq" if h is not None else "rtn"
             padded = f" (K padded to {quant.codes.shape[1]})" if quant.codes.shape[1] != target.k else ""
             stats.touch(f"{label(target.node)}: K={target.k} N={target.n} -> MatMulNBits "
@@ -141,8 +149,12 @@ class QuantizeWeights(CompressionPass):
             target._weight = None
         if targets:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            stats.notes.append("rel. error: " + ("output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
-                                                 if hessians else "weight error |dW|^2/|W|^2"))
+            stats.notes.append("rel. error: " + (
+                "weight error |dW|^2/|W|^2" if cfg.method != "gptq" else
+                "output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
+                + (", H = covariance (the mean error goes into the bias)" if cfg.bias_correction else "")))
+            if cfg.bias_correction:
+                stats.notes.append("bias_correction: (W_q - W)·E[x] subtracted through MatMulNBits' bias input")
         skip_subgraph_nodes(stats, graph, ("MatMul", "Gemm"), "left float (quantize_weights rewrites the main "
                             "graph only)")
         if cfg.quantize_embeddings:
@@ -194,16 +206,36 @@ class QuantizeWeights(CompressionPass):
 
     # -- calibration -----------------------------------------------------------------------------
 
-    def _hessians(self, model: ir.Model, targets: list[_Target], stats: PassStats) -> dict[str, np.ndarray]:
-        """``XᵀX / n`` of every target's input activation, in one calibration run (without the
-        padding-only columns with ``padding_mask``)."""
-        from onnxcomp.calibrate import Gram, collect
+    def _input_moments(self, model: ir.Model, targets: list[_Target], stats: PassStats) -> dict[str, _Moments]:
+        """``XᵀX / n`` and the mean of every target's input activation, in one calibration run
+        (without the padding-only columns with ``padding_mask``)."""
+        from onnxcomp.calibrate import ChannelMean, Gram, collect
 
-        data = self.context.require_calib("quantize_weights (method gptq)")
+        data = self.context.require_calib(_uses_data(self.config))
         data = without_padding(model, data, self.config.padding_mask, stats, f"{self.name}.padding_mask")
-        grams = {name: Gram() for name in dict.fromkeys(t.input_name for t in targets)}
-        collect(model, data, {name: [g] for name, g in grams.items()}, batch_size=self.context.batch_size)
-        return {name: g.xtx / max(g.count, 1) for name, g in grams.items() if g.xtx is not None}
+        reducers = {name: (Gram(), ChannelMean(-1)) for name in dict.fromkeys(t.input_name for t in targets)}
+        collect(model, data, {name: list(r) for name, r in reducers.items()}, batch_size=self.context.batch_size)
+        return {name: _Moments(g.xtx / max(g.count, 1), mean.mean) for name, (g, mean) in reducers.items()
+                if g.xtx is not None}
+
+
+def _uses_data(cfg: QuantizeWeightsConfig) -> str:
+    """What needs the calibration data, for the error without it."""
+    return "quantize_weights (" + " and ".join(
+        ["method gptq"] * (cfg.method == "gptq") + ["bias_correction"] * cfg.bias_correction) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Moments:
+    """First and second moments of a layer's input over the calibration data."""
+
+    second: np.ndarray  # XᵀX / n, [K, K]
+    mean: np.ndarray  # E[x], [K]
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """``XᵀX/n - E[x]E[x]ᵀ``: the output error a bias cannot cancel is ``ΔW Cov ΔWᵀ``."""
+        return self.second - np.outer(self.mean, self.mean)
 
 
 def quantize_gathers(model: ir.Model, cfg: QuantizeWeightsConfig, stats: PassStats) -> tuple[int, int]:
@@ -296,8 +328,9 @@ def _gather_skip_reason(node: ir.Node, table: np.ndarray, bits: int) -> str | No
 
 
 def _rewrite_matmul(graph: ir.Graph, names: Names, target: _Target, quant: BlockQuant,
-                    cfg: QuantizeWeightsConfig) -> int:
-    """Replace ``target.node`` by MatMulNBits (+ Add); returns the bytes of the new initializers."""
+                    cfg: QuantizeWeightsConfig, shift: np.ndarray | None = None) -> int:
+    """Replace ``target.node`` by MatMulNBits (+ Add), ``shift`` [N] added to its bias; returns the bytes
+    of the new initializers."""
     node, n, k = target.node, target.n, target.k
     base = node.inputs[1].name or node.name or "weight"
     blocks = quant.scales.shape[1]
@@ -310,6 +343,8 @@ def _rewrite_matmul(graph: ir.Graph, names: Names, target: _Target, quant: Block
     bias, add = target.bias, target.add_input
     if bias is None and add is None and cfg.fold_bias:
         bias, output = _foldable_bias(target.layer, target.dtype)
+    if shift is not None:
+        bias = (shift if bias is None else np.asarray(bias, np.float64) + shift).astype(target.dtype)
     if bias is not None:  # inputs: A, B, scales, zero_points, g_idx, bias
         inputs += [None, add_initializer(graph, names, f"{base}_bias", bias)]
     attrs = {"K": k, "N": n, "bits": quant.bits, "block_size": quant.block_size}
