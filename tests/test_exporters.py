@@ -282,9 +282,13 @@ def test_conv_only_int8_dynamic_says_why_and_what_to_run(tmp_path):
     path = conv_only_model(tmp_path / "conv.onnx")
     result = onnxcomp.compress(path, "int8-dynamic", val=DIGITS / "val.npz", latency_runs=0)
     quant = next(p for p in result.report["passes"] if p["name"] == "quantize_dynamic")
-    assert not quant["touched"] and len(quant["skipped"]) == 2
+    assert len(quant["skipped"]) == 2 and all("stored int8" in s["why"] for s in quant["skipped"])
+    assert len(quant["touched"]) == 2 and all("int8 weights only" in t for t in quant["touched"])
     first = quant["notes"][0]  # the passes table shows the first notes
     assert "2 Conv" in first and "slower" in first and "'int8'" in first, quant["notes"]
+    # float compute, int8 weights: the weights take about a quarter of their float bytes
+    assert result.report["compressed"]["weight_bytes"] < 0.35 * result.report["original"]["weight_bytes"]
+    assert result.report["fidelity"]["cosine"] > 0.999
 
 
 # ---------------------------------------------------------------- LayerNorm as primitives at an old opset

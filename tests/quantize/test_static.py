@@ -121,9 +121,10 @@ def test_dynamic_mlp(mlp_path, val_path):
 def test_dynamic_skips_conv_with_reason(cnn_path, val_path):
     result = compress(cnn_path, "int8-dynamic", val=val_path, latency_runs=0)
     stats = result.report["passes"][1]
-    assert len(stats["touched"]) == 2 and len(stats["skipped"]) == 2
-    assert all("ConvInteger" in s["why"] for s in stats["skipped"])
+    assert len(stats["touched"]) == 4 and len(stats["skipped"]) == 2  # 2 MatMul/Gemm, 2 Convs with int8 weights only
+    assert all("ConvInteger" in s["why"] and "stored int8" in s["why"] for s in stats["skipped"])
     assert result.report["quantization"]["int8_kernels"] == {"DynamicQuantizeMatMul": 2}
+    assert result.report["quantization"]["weight_only"] == 2 and result.report["quantization"]["fused_ratio"] == 1.0
     assert result.report["fidelity"]["accuracy_drop"] <= MAX_DROP
 
 

@@ -180,3 +180,20 @@ def test_saved_file_has_no_value_info_restating_initializers_or_qdq_outputs(tmp_
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+
+
+def test_dynamic_convs_store_int8_weights_and_run_as_float(tmp_path):
+    """quantize_dynamic has no int8 Conv (ConvInteger is slower): the Convs compute in float, their
+    weights are stored int8, and onnxruntime folds the rescale at load (no Cast/Mul left to run)."""
+    path = tmp_path / "block.onnx"
+    onnx.save(mobile_block(), path)
+    data = {"x": np.abs(np.random.default_rng(1).standard_normal((16, 8, 12, 12))).astype(np.float32)}
+    result = compress(path, "int8-dynamic", val=data, latency_runs=0)
+    stats = next(p for p in result.report["passes"] if p["name"] == "quantize_dynamic")
+    assert stats["metrics"]["weight_only"] == 3
+    assert sorted(_int8_initializers(result.model).values()) == [(8, 32, 1, 1), (32, 1, 5, 5), (32, 8, 1, 1)]
+    assert not {"Cast", "Mul"} & {n.op_type for n in optimized_graph(result.model).graph}
+    assert result.report["fidelity"]["cosine"] > 0.999
+    plain = compress(path, {"passes": ["cleanup", {"quantize_dynamic": {"weight_only": False}}], "gate": {}},
+                     val=data, latency_runs=0)
+    assert not _int8_initializers(plain.model)

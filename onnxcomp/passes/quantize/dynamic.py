@@ -33,6 +33,7 @@ from onnxcomp.passes.quantize.int8_common import (
     record_target,
 )
 from onnxcomp.passes.quantize.lstm import quantize_lstms
+from onnxcomp.passes.quantize.qdq import int8_weight_rescaled
 from onnxcomp.qparams import weight_params
 
 __all__ = ["QuantizeDynamic", "QuantizeDynamicConfig", "quantize_dynamic_model"]
@@ -47,6 +48,10 @@ class QuantizeDynamicConfig(PassConfig, NodeSelection):
     target: Literal["any", "vnni", "arm64"] = Field("any", description=TARGET_HELP)
     reduce_range: bool | Literal["auto"] = Field("auto", description=REDUCE_RANGE_HELP)
     quantize_embeddings: bool = Field(True, description=EMBEDDINGS_HELP)
+    weight_only: bool = Field(
+        True, description="Convs (no fast dynamic int8 kernel in onnxruntime) compute in float but store their "
+                          "weights int8, one scale per output channel (Cast and Mul, which onnxruntime folds when "
+                          "the session starts): the file shrinks, the speed is the float model's")
     embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
 
 
@@ -55,8 +60,10 @@ class QuantizeDynamic(CompressionPass):
     """Dynamic int8 quantization: int8 weights, activation scales computed at run time.
 
     MatMul and Gemm with a constant weight become DynamicQuantizeLinear -> MatMulInteger ->
-    Cast -> Mul (-> Add bias), which onnxruntime fuses into DynamicQuantizeMatMul. Conv is left
-    in float: ORT's CPU ConvInteger has no fused kernel and runs slower than the float Conv.
+    Cast -> Mul (-> Add bias), which onnxruntime fuses into DynamicQuantizeMatMul. Conv computes
+    in float (ORT's CPU ConvInteger has no fused kernel and runs slower than the float Conv);
+    with ``weight_only`` its weight is stored int8 and rescaled in float, which onnxruntime
+    constant-folds at load.
     """
 
     name = "quantize_dynamic"
@@ -75,11 +82,15 @@ class QuantizeDynamic(CompressionPass):
                 stats.skip(what, why)
             else:
                 stats.touch(what)
-        convs = sum(1 for what, why in report if why == _CONV_WHY)
-        if convs and not stats.touched:  # the one line a Conv-only model's summary shows first
-            stats.notes.insert(0, f"nothing quantized: the {convs} Conv layers stay float (onnxruntime's dynamic "
-                                  "ConvInteger is slower than the float Conv) and no MatMul/Gemm was eligible; "
-                                  "run the 'int8' recipe (static, calibrated QLinearConv) instead")
+        convs = sum(1 for what, why in report if why and why.startswith(_CONV_WHY))
+        weights_only = sum(1 for what, why in report if why and why.endswith(_WEIGHT_ONLY))
+        if convs and len(stats.touched) == weights_only:  # the one line a Conv-only model's summary shows first
+            stored = f"; {weights_only} of them store int8 weights" if weights_only else ""
+            stats.notes.insert(0, f"no int8 compute: the {convs} Conv layers compute in float (onnxruntime's dynamic "
+                                  f"ConvInteger is slower than the float Conv){stored} and no MatMul/Gemm was "
+                                  "eligible; for int8 Convs run the 'int8' recipe (static, calibrated QLinearConv)")
+        if weights_only:
+            stats.metrics["weight_only"] = weights_only
         skip_subgraph_nodes(stats, model.graph, ("MatMul", "Gemm", "Conv", "LSTM"),
                             "left float (quantize_dynamic rewrites the main graph only)")
         note_reduce_range(self.config, stats)
@@ -92,6 +103,7 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
     graph = model.graph
     names = Names(graph)
     report = []
+    rescaled: dict[int, ir.Value] = {}  # weight -> its int8 rescaled form (a weight shared by Convs: stored once)
     for node in list(graph):
         if not is_standard(node) or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
@@ -99,12 +111,38 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
         why = _dynamic_ineligible(node, layer) or config.why_not(node, layer.params if isinstance(layer, Layer) else None)
         if why is None:
             _dynamic_matmul(graph, names, layer, config)
+        elif why == _CONV_WHY and config.weight_only and config.why_not(node) is None:
+            stored = _conv_weight_only(graph, names, node, config, rescaled)
+            if stored is None:
+                why += _WEIGHT_ONLY
+                report.append((f"{label(node)}: int8 weights only (rescaled in float, folded by onnxruntime at "
+                               "load), float compute", None))
         report.append((label(node), why))
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return report
 
 
 _CONV_WHY = "ORT's CPU ConvInteger has no fused kernel (slower than the float Conv): left in float"
+_WEIGHT_ONLY = "; its weight is stored int8 (Cast and Mul by per-channel scales, folded by onnxruntime at load)"
+
+
+def _conv_weight_only(graph: ir.Graph, names: Names, node: ir.Node, config: QuantizeDynamicConfig,
+                      done: dict[int, ir.Value]) -> str | None:
+    """Store a float Conv's weight int8 (:func:`~.qdq.int8_weight_rescaled`); return why not, or None."""
+    layer = Layer.of(node, graph)
+    if isinstance(layer, str):
+        return layer
+    weight = node.inputs[1]
+    if any(user.op_type != "Conv" or index != 1 for user, index in weight.uses()) or weight.is_graph_output():
+        return "its weight is also read by another node"
+    channels = layer.out_features if config.per_channel else 1
+    if layer.params + 4 * channels >= 4 * layer.params:
+        return "int8 would not shrink its weight"
+    if id(weight) not in done:
+        done[id(weight)] = int8_weight_rescaled(graph, names, weight, 0 if config.per_channel else None,
+                                                config.weight_method, before=node)
+    node.replace_input_with(1, done[id(weight)])
+    return None
 
 
 def _dynamic_ineligible(node: ir.Node, layer: Layer | str | None) -> str | None:

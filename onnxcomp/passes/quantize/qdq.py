@@ -7,9 +7,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.graph import Names, add_initializer
-from onnxcomp.qparams import QParams
+from onnxcomp.qparams import QParams, weight_params
 
-__all__ = ["quantize_linear", "dequantize_linear", "dequantized_constant", "dequantize_node"]
+__all__ = ["quantize_linear", "dequantize_linear", "dequantized_constant", "dequantize_node", "int8_weight_rescaled"]
 
 
 def quantize_linear(x: ir.Value, scale: ir.Value, zero: ir.Value, names: Names, base: str) -> ir.Node:
@@ -47,3 +47,30 @@ def dequantize_node(dq: ir.Node) -> np.ndarray:
     axis = dq.attributes.get_int("axis", 1) if np.ndim(scale) == 1 and q.ndim > 1 else None
     params = QParams(scale, zero, axis % q.ndim if axis is not None else None)
     return params.dequantize(q)
+
+
+def int8_weight_rescaled(graph: ir.Graph, names: Names, weight: ir.Value, axis: int | None, method: str = "minmax",
+                         *, before: ir.Node) -> ir.Value:
+    """``weight`` (a constant float tensor) stored int8 — symmetric, full 8-bit, one scale per
+    slice along ``axis`` (None: per tensor) — and rescaled in float by ``Mul(Cast(W_int8), scale)``,
+    inserted before ``before``; returns the rescaled float value for the float layer to read.
+
+    Not a DequantizeLinear: onnxruntime keeps those for its QDQ fusions and runs them at every
+    inference (and a float Conv whose weight is computed at run time loses its NCHWc kernel),
+    while it constant-folds Cast and Mul when the session starts — the file holds int8, the
+    session runs the float layer at float speed. (``cleanup`` never folds this Cast back.)
+    """
+    array = weight.const_value.numpy()
+    params, q = weight_params(array, axis, method=method, reduce_range=False)
+    shape = [1] * array.ndim
+    if axis is not None:
+        shape[axis] = array.shape[axis]
+    stored = add_initializer(graph, names, f"{weight.name}_int8", q)
+    scale = add_initializer(graph, names, f"{weight.name}_scale", params.scale.reshape(shape).astype(np.float32))
+    cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=names(f"{weight.name}_Cast"))
+    cast.outputs[0].name = names(f"{weight.name}_int8_float")
+    mul = ir.node("Mul", [cast.outputs[0], scale], name=names(f"{weight.name}_rescale"))
+    mul.outputs[0].name = names(f"{weight.name}_weight_only")
+    mul.outputs[0].type, mul.outputs[0].shape = weight.type, weight.shape
+    graph.insert_before(before, [cast, mul])
+    return mul.outputs[0]

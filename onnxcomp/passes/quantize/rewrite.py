@@ -19,6 +19,7 @@ from onnxcomp.passes.quantize.plan import StaticPlan, data_inputs
 from onnxcomp.passes.quantize.qdq import (
     dequantize_linear,
     dequantized_constant,
+    int8_weight_rescaled,
     quantize_linear,
 )
 from onnxcomp.blockquant import gptq_round
@@ -127,32 +128,13 @@ def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params
 
 def _quantize_weight_only(graph: ir.Graph, names: Names, node: ir.Node, options,
                           done: dict[int, ir.Value]) -> None:
-    """The weight of a float compute node stored int8: ``Mul(Cast(W_int8, float), scale)`` with one
-    scale per output channel (its bias and activations stay float).
-
-    Not a DequantizeLinear: onnxruntime keeps those for its QDQ fusions and runs them at every
-    inference, and a float Conv whose weight is computed at run time loses its NCHWc kernels,
-    while it constant-folds Cast and Mul when the session starts — the running model is the float
-    one, the file holds int8. Full 8-bit (no int8 kernel reads it: reduce_range does not apply). A
-    weight shared by several such nodes is stored once.
-    """
+    """The weight of a float compute node stored int8 (:func:`~.qdq.int8_weight_rescaled`); full
+    8-bit: no int8 kernel reads it, so u8s8 saturation (reduce_range) does not apply."""
     weight = node.inputs[1]
     if id(weight) not in done:
         array = weight.const_value.numpy()
-        axis = _weight_axis(node, array, options.per_channel)
-        wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=False, target=options.target)
-        shape = [1] * array.ndim
-        if axis is not None:
-            shape[axis] = array.shape[axis]
-        q = add_initializer(graph, names, f"{weight.name}_int8", wq)
-        scale = add_initializer(graph, names, f"{weight.name}_scale", wp.scale.reshape(shape).astype(np.float32))
-        cast = ir.node("Cast", [q], {"to": ir.DataType.FLOAT}, name=names(f"{weight.name}_Cast"))
-        cast.outputs[0].name = names(f"{weight.name}_int8_float")
-        mul = ir.node("Mul", [cast.outputs[0], scale], name=names(f"{weight.name}_rescale"))
-        mul.outputs[0].name = names(f"{weight.name}_weight_only")
-        mul.outputs[0].type, mul.outputs[0].shape = weight.type, weight.shape
-        graph.insert_before(node, [cast, mul])
-        done[id(weight)] = mul.outputs[0]
+        done[id(weight)] = int8_weight_rescaled(graph, names, weight, _weight_axis(node, array, options.per_channel),
+                                                options.weight_method, before=node)
     node.replace_input_with(1, done[id(weight)])
 
 
