@@ -367,11 +367,12 @@ def interleaved_child(setup: Setup, model: str, variants: list[str]) -> dict:
 
 def interleaved_table(model: str, result: dict) -> list[str]:
     spin = "spinning" if result.get("spinning", True) else "no spinning"
+    unit, scale = ("ms", 1.0) if model == "minilm" else ("µs", 1000.0)
     out = [f"Interleaved in one process ({result['threads']} intra-op threads, {spin}, load {result['load']:.1f} -> "
-           f"{result['load_after']:.1f}): median wall ms (×fp32) [median CPU ms ×fp32]\n",
+           f"{result['load_after']:.1f}): median wall {unit} (×fp32) [median CPU time ×fp32]\n",
            "| variant | bs1 | bs32 |", "|---|---|---|"]
     for v, r in result["rows"].items():
-        cells = [f"{r[b]['ms']:.1f} ({r[b]['ratio']:.2f}) [{r[b]['cpu_ratio']:.2f}]" for b in ("bs1", "bs32")]
+        cells = [f"{r[b]['ms'] * scale:.1f} ({r[b]['ratio']:.2f}) [{r[b]['cpu_ratio']:.2f}]" for b in ("bs1", "bs32")]
         out.append(f"| {v} | {cells[0]} | {cells[1]} |")
     return out
 
@@ -509,7 +510,7 @@ def write_markdown(path: Path, cmd: str, setup: Setup, all_rows: dict, wall: flo
         "rows measured by " + ", ".join(f"`{c}`" for c in cmds) + ".\n",
         f"Machine: {peer.cpu_info()}. onnxruntime {ort.__version__}, CPUExecutionProvider, ORT_ENABLE_ALL, "
         f"intra_op_num_threads={THREADS}, inter_op 1, intra-op spinning {'on' if SPINNING else 'off'} (see "
-        "bench_session). Python {sys.version.split()[0]}. The 2 cores were shared "
+        f"bench_session). Python {sys.version.split()[0]}. The 2 cores were shared "
         "with other jobs: see the load column (1-min load average when the row's latency was measured).\n",
         "- **size**: the saved file (×fp32). **latency**: median ms (µs on digits) of "
         f"{runs} runs after {peer.WARMUP} warm-ups, each run alternating with a run of the fp32 model in the "
