@@ -108,6 +108,13 @@ VARIANTS = {
     "ours_transformer_static_vnni": dict(who="ours", models=("minilm",), recipe=None,
                                          what="transformer-int8-static with target: vnni (full 8-bit weights, "
                                               "for AVX512-VNNI / AVX-VNNI CPUs)"),
+    "ort_int4": dict(who="ORT", ort="int4", models=("minilm",),
+                     what="MatMulNBitsQuantizer int4, block 32, symmetric, RTN (MatMuls only; embeddings float) "
+                          "[peer.py int4]"),
+    "ours_int4_weights": dict(who="ours", recipe="int4-weights",
+                              what="shipped recipe int4-weights: weight-only int4/32 MatMulNBits, GPTQ on the "
+                                   "inputs' covariance + bias correction, padding-free statistics; int4 word "
+                                   "table, int8 small tables (GatherBlockQuantized)"),
     "ours_smooth_pass": dict(who="ours", models=("minilm",), what=f"smooth_quant pass (alpha auto), then "
                              f"quantize_static {BASE}", recipe=static(pre=[{"smooth_quant": {"alpha": "auto"}}])),
     "ours_bias_corr": dict(who="ours", what=f"quantize_static {BASE} + bias_correction",
@@ -210,7 +217,7 @@ def ort_quantize(setup: Setup, model: str, how: str, out: Path) -> None:
     """onnxruntime.quantization on the fp32 model -> out. MiniLM: peer.py's function and settings."""
     if MODELS[model][0] == "minilm":
         name = {"dynamic": "dyn_pc", "minmax": "qdq_minmax_noout", "entropy": "qdq_entropy_noout",
-                "percentile": "qdq_percentile_noout"}[how]
+                "percentile": "qdq_percentile_noout", "int4": "int4"}[how]
         return peer.quantize(name, out, setup.minilm_calib_n)
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
