@@ -79,9 +79,11 @@ class QuantizeWeightsConfig(PassConfig, NodeSelection):
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal")
     range_search: bool = Field(False, description="per block, shrink the range if that lowers the squared error")
     bias_correction: bool = Field(
-        False, description="needs --calib: the bias absorbs the mean output error (W_q - W)·E[x] (MatMulNBits' "
-                           "bias input), and gptq fits the rounding to the inputs' covariance instead of XᵀX/n: "
-                           "the part of the error a bias cannot cancel")
+        False, description="needs --calib: in layers that have a bias, the bias absorbs the mean output error "
+                           "(W_q - W)·E[x], and gptq fits the rounding to the inputs' covariance instead of XᵀX/n: "
+                           "the part of the error a bias cannot cancel. Layers without a bias are left as they "
+                           "are (a constant shift breaks what follows a bias-free product, e.g. the log of a mel "
+                           "spectrogram: cosine 1.0 -> 0.965)")
     padding_mask: str | None = Field(None, min_length=1, description="gptq / bias_correction: " + PADDING_MASK_HELP)
     fold_bias: bool = Field(True, description="fold a following Add of a constant [N] bias into MatMulNBits")
     quantize_embeddings: bool = Field(False, description="Gather on constant 2-D tables -> GatherBlockQuantized")
@@ -124,11 +126,13 @@ class QuantizeWeights(CompressionPass):
         targets = [t for node in list(graph) if (t := self._target(node, stats)) is not None]
         moments = self._input_moments(model, targets, stats) if self.calibration_needed(cfg) and targets else {}
         errors: dict[str, float] = {}
-        bytes_before = bytes_after = 0
+        bytes_before = bytes_after = uncorrected = 0
         names = Names(graph)
         for target in targets:
             m = moments.get(target.input_name)
-            h = None if m is None or cfg.method != "gptq" else m.covariance if cfg.bias_correction else m.second
+            correct = cfg.bias_correction and m is not None and _has_bias(target)
+            uncorrected += cfg.bias_correction and m is not None and not correct
+            h = None if m is None or cfg.method != "gptq" else m.covariance if correct else m.second
             if h is None:
                 quant = quantize_rtn(target.weight, cfg.bits, cfg.block_size, cfg.symmetric, target.dtype,
                                      search=cfg.range_search)
@@ -137,7 +141,7 @@ class QuantizeWeights(CompressionPass):
                                       damp=cfg.damp, act_order=cfg.act_order, search=cfg.range_search)
             errors[target.node.name] = relative_error(target.weight, quant.dequantize(), h)
             shift = None
-            if cfg.bias_correction and m is not None:  # the mean of the output error, cancelled by the bias
+            if correct:  # the mean of the output error, cancelled by the bias
                 shift = -((quant.dequantize().astype(np.float64) - target.weight) @ m.mean)
             bytes_before += target.weight.size * np.dtype(target.dtype).itemsize
             bytes_after += _rewrite_matmul(graph, names, target, quant, cfg, shift)
@@ -152,9 +156,11 @@ class QuantizeWeights(CompressionPass):
             stats.notes.append("rel. error: " + (
                 "weight error |dW|^2/|W|^2" if cfg.method != "gptq" else
                 "output error on calibration inputs, tr(dW H dWt)/tr(W H Wt)"
-                + (", H = covariance (the mean error goes into the bias)" if cfg.bias_correction else "")))
+                + (", H = covariance where the bias takes the mean error" if cfg.bias_correction else "")))
             if cfg.bias_correction:
-                stats.notes.append("bias_correction: (W_q - W)·E[x] subtracted through MatMulNBits' bias input")
+                stats.notes.append("bias_correction: (W_q - W)·E[x] subtracted through MatMulNBits' bias input"
+                                   + (f"; {uncorrected} layer(s) without a bias left uncorrected" if uncorrected
+                                      else ""))
         skip_subgraph_nodes(stats, graph, ("MatMul", "Gemm"), "left float (quantize_weights rewrites the main "
                             "graph only)")
         if cfg.quantize_embeddings:
@@ -217,6 +223,11 @@ class QuantizeWeights(CompressionPass):
         collect(model, data, {name: list(r) for name, r in reducers.items()}, batch_size=self.context.batch_size)
         return {name: _Moments(g.xtx / max(g.count, 1), mean.mean) for name, (g, mean) in reducers.items()
                 if g.xtx is not None}
+
+
+def _has_bias(target: _Target) -> bool:
+    """Whether the layer adds a bias to its product (Gemm C, or a following Add of a constant [N])."""
+    return target.bias is not None or target.add_input is not None or target.layer.bias_add is not None
 
 
 def _uses_data(cfg: QuantizeWeightsConfig) -> str:
