@@ -300,3 +300,49 @@ def test_float_restorer_edits_the_quantized_model_like_a_requantization(cnn_path
     assert kernels.count("QLinearConv") == 1 and kernels.count("Conv") + kernels.count("FusedConv") == 1
     assert nodes == [(n.op_type, [v.name if v is not None else None for v in n.inputs])
                      for n in quantized.graph]  # edits are made on copies
+
+
+def test_grouped_loo_keeps_the_same_layers_float_as_leave_one_out_in_fewer_runs():
+    """tiny_bert (16 int8 MatMuls): leave-one-out of groups of 4, then of each MatMul in the two most
+    harmful groups, finds the set leave-one-out on every MatMul finds; sqnr alone keeps more float."""
+    from tests.quantize.test_transformer import TINY
+
+    def search(ranking):
+        recipe = {"passes": ["cleanup", {"quantize_static": {"method": "percentile", "sensitivity": True,
+                                                             "sensitivity_ranking": ranking}}],
+                  "gate": {"min_cosine": 0.999995, "mask_input": "auto"}}
+        result = compress(TINY / "tiny_bert.onnx", recipe, calib=TINY / "calib.npz", latency_runs=0)
+        return result.report["passes"][1]["metrics"]["sensitivity"]
+
+    loo, grouped, sqnr = search("leave_one_out"), search("grouped_loo"), search("sqnr")
+    assert loo["met"] and grouped["met"] and len(loo["harm"]) == 16
+    assert set(grouped["kept_float"]) == set(loo["kept_float"]) and 1 <= len(loo["kept_float"]) <= 4
+    assert grouped["trials"] < loo["trials"]
+    measured = [item for item in grouped["harm"] if "loss_removed" in item]
+    assert len(measured) == 8 and measured == grouped["harm"][:8]  # 2 groups of 4 measured one by one
+    assert len(sqnr["kept_float"]) > len(loo["kept_float"])
+
+
+def test_sensitivity_weight_only_keeps_the_file_int8_sized(calib_path):
+    """sensitivity_weight_only: a layer the search keeps float computes in float from an int8 weight
+    (Cast + Mul), so the file is as small as all-int8; the search measured it in that form."""
+    from tests.quantize.test_transformer import TINY
+
+    def run_it(**options):
+        recipe = {"passes": ["cleanup", {"quantize_static": {"method": "percentile", "sensitivity": True,
+                                                             "sensitivity_ranking": "grouped_loo", **options}}],
+                  "gate": {"min_cosine": 0.999995, "mask_input": "auto"}}
+        return compress(TINY / "tiny_bert.onnx", recipe, calib=TINY / "calib.npz", latency_runs=0)
+
+    plain, int8 = run_it(), run_it(sensitivity_weight_only=True)
+    everything = compress(TINY / "tiny_bert.onnx", {"passes": ["cleanup", {"quantize_static": {"method": "percentile"}}]},
+                          calib=TINY / "calib.npz", latency_runs=0)
+    metrics = int8.report["passes"][1]["metrics"]
+    kept = set(metrics["sensitivity"]["kept_float"])
+    assert metrics["sensitivity"]["met"] and kept and set(metrics["weight_only"]) == kept
+    assert "weights stored int8" in " ".join(int8.report["passes"][1]["notes"])
+    assert not any(n.name in kept and n.inputs[1].const_value is not None for n in int8.model.graph)
+    assert plain.report["passes"][1]["metrics"]["sensitivity"]["kept_float"]
+    size = {name: r.report["compressed"]["size_bytes"] for name, r in
+            (("plain", plain), ("int8", int8), ("everything", everything))}
+    assert size["int8"] < size["everything"] * 1.02 < size["plain"]

@@ -28,7 +28,7 @@ from onnxcomp.qparams import QParams, activation_params, bias_params, weight_par
 if TYPE_CHECKING:
     from onnxcomp.passes.quantize.static import QuantizeStaticConfig
 
-__all__ = ["apply_static", "float_guard"]
+__all__ = ["apply_static", "float_guard", "weight_only_values"]
 
 
 def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
@@ -136,6 +136,18 @@ def _quantize_weight_only(graph: ir.Graph, names: Names, node: ir.Node, options,
         done[id(weight)] = int8_weight_rescaled(graph, names, weight, _weight_axis(node, array, options.per_channel),
                                                 options.weight_method, before=node)
     node.replace_input_with(1, done[id(weight)])
+
+
+def weight_only_values(node: ir.Node, options) -> np.ndarray:
+    """The float values :func:`_quantize_weight_only` gives ``node``'s constant weight (its int8
+    weight times the per-channel scales, as onnxruntime folds them at load)."""
+    array = node.inputs[1].const_value.numpy()
+    axis = _weight_axis(node, array, options.per_channel)
+    wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=False, target=options.target)
+    shape = [1] * array.ndim
+    if axis is not None:
+        shape[axis] = array.shape[axis]
+    return (wq.astype(np.float32) * wp.scale.reshape(shape).astype(np.float32)).astype(array.dtype)
 
 
 def _dequantize_constant(graph: ir.Graph, names: Names, value: ir.Value, params: QParams, plan: StaticPlan) -> None:

@@ -11,8 +11,9 @@ tools :mod:`~.smooth_quant`, :mod:`~.equalize`, :mod:`~.bias_correction`, :mod:`
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
@@ -48,7 +49,7 @@ from onnxcomp.passes.quantize.plan import (
     unquantizable,
 )
 from onnxcomp.passes.quantize.prepare import prepare_static
-from onnxcomp.passes.quantize.rewrite import apply_static
+from onnxcomp.passes.quantize.rewrite import apply_static, weight_only_values
 from onnxcomp.passes.quantize.sensitivity import SensitivityReport, sensitivity_search
 from onnxcomp.passes.quantize.smooth_quant import (
     SMOOTH_QUANT_TAG,
@@ -118,14 +119,20 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
         False, description="mixed precision: while the recipe's gate (min_cosine, max_accuracy_drop, ...) fails "
                            "on the calibration data, return the most harmful quantized nodes to float "
                            "(ranked by sensitivity_ranking, then doubling + bisection); the chosen set is reported")
-    sensitivity_ranking: Literal["sqnr", "sqnr_loo", "leave_one_out"] = Field(
+    sensitivity_ranking: Literal["sqnr", "sqnr_loo", "grouped_loo", "leave_one_out"] = Field(
         "leave_one_out", description="how the sensitivity search orders nodes, most harmful first: leave_one_out = "
         "the gate's metric with all but that node quantized (one run per node: the smallest sets); sqnr = one run "
         "of the float and the quantized model, each node scored by the noise-to-signal ratio it adds (fastest, may "
         "keep more nodes float); sqnr_loo = sqnr, then its top 2k re-ranked by leave-one-out (k: the set sqnr "
-        "alone would keep float)")
+        "alone would keep float); grouped_loo = leave-one-out on groups of ~√n consecutive nodes, then on each node "
+        "of the most harmful third of the groups (~2√n runs instead of n)")
     quantize_embeddings: bool = Field(True, description=EMBEDDINGS_HELP)
     embedding_block_size: Literal[32, 64, 128] = Field(128, description="values per scale in quantized embeddings")
+    sensitivity_weight_only: bool = Field(
+        False, description="nodes the sensitivity search keeps float store their weights int8 like weight_only ones "
+                           "(computed in float: their quantized activations were the harm, as in transformers' FFN "
+                           "output MatMuls) instead of float: the file stays int8-sized; the search ranks and checks "
+                           "them in that form. Needs weight_only (on by default)")
     sensitivity_samples: int = Field(64, ge=1, description="calibration samples the sensitivity search evaluates "
                                                            "each trial on (the ranking, then a bisection); with "
                                                            "padding_mask, spread over all lengths")
@@ -193,29 +200,37 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
     keep.update(keep_float or {})
     stats = dict(stats or {})
     report = None
+    int8_kept = config.sensitivity_weight_only and config.weight_only
     if config.sensitivity:
         def trial(m: ir.Model, extra: Mapping[str, str], final: bool) -> list[str]:
             cfg = config if final else config.model_copy(update={"bias_correction": False})
-            r = _quantize_once(m, data, cfg, stats, batch_size, progress, {**keep, **extra})
+            r = _quantize_once(m, data, cfg, stats, batch_size, progress, {**keep, **extra},
+                               weights_only=set(extra) if final and int8_kept else set())
             stats.update(r.stats)
             return [n.name for n, role in r.plan.roles.items() if role != "shared"]
 
         sample = data.spread(config.sensitivity_samples) if data.trim_mask else data.head(config.sensitivity_samples)
         chosen, report = sensitivity_search(model.clone(), sample,
                                             target, trial, batch_size=batch_size,
-                                            ranking=config.sensitivity_ranking)
+                                            ranking=config.sensitivity_ranking,
+                                            weight_form=partial(weight_only_values, options=config) if int8_kept
+                                            else None)
         keep.update(chosen)
-    result = _quantize_once(model, data, config, stats, batch_size, progress, keep)
+    result = _quantize_once(model, data, config, stats, batch_size, progress, keep,
+                            weights_only=set(report.kept_float) if report and int8_kept else set())
     result.tools, result.sensitivity = tools, report
     return result
 
 
 def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, stats: dict,
-                   batch_size: int, progress, keep_float: Mapping[str, str]) -> StaticResult:
+                   batch_size: int, progress, keep_float: Mapping[str, str],
+                   weights_only: Collection[str] = ()) -> StaticResult:
+    """One prepare/plan/calibrate/rewrite. ``weights_only``: names of ``keep_float`` nodes whose
+    weights are stored int8 anyway when ``config.weight_only`` (the sensitivity search's choice)."""
     rewrites = prepare_static(model, config)
     stats = dict(stats)
     kept_float = {n: keep_float[n.name] for n in model.graph if n.name in keep_float}
-    out_of_range: dict[ir.Node, str] = {}
+    out_of_range: dict[ir.Node, str] = {n: why for n, why in kept_float.items() if n.name in weights_only}
     while True:  # nodes touching a tensor with an absurd range (a mask) go back to float, then re-plan
         plan = plan_static(model, config, kept_float, weights_only=out_of_range)
         missing = StaticPlan(tensors=[t for t in plan.roots() if t not in stats and t not in plan.constants])
@@ -346,7 +361,9 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
         rep = result.sensitivity
         labels = {node.name: label(node) for node in model.graph}
         kept = ", ".join(labels.get(name, name) for name in rep.kept_float) or "none"
-        stats.notes.append(f"sensitivity: {len(rep.kept_float)} nodes kept float to meet {rep.target} on "
+        how = " (weights stored int8: weight_only)" if cfg.sensitivity_weight_only and cfg.weight_only and \
+            rep.kept_float else ""
+        stats.notes.append(f"sensitivity: {len(rep.kept_float)} nodes kept float{how} to meet {rep.target} on "
                            f"{rep.samples} calibration samples ({'met' if rep.met else 'NOT met'}; "
                            f"{rep.trials} trials, {rep.seconds:.1f} s): {kept}")
         stats.metrics["sensitivity"] = rep.to_dict()
