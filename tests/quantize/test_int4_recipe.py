@@ -81,3 +81,15 @@ def test_padding_mask_names_an_input_the_model_has():
     data = load_data(CALIB, model)
     with pytest.raises(OnnxcompError, match="quantize_weights.padding_mask: the model has no input 'token_mask'"):
         QuantizeWeights({"method": "gptq", "padding_mask": "token_mask"}, PassContext(calib=data))(model)
+
+
+def test_gptq_says_when_the_calibration_data_is_thin():
+    model = load_model(MODEL)
+    data = load_data(CALIB, model)
+    notes = {}
+    for n in (2, len(data)):
+        work = model.clone()
+        stats = QuantizeWeights({"method": "gptq", "padding_mask": "auto"}, PassContext(calib=data.head(n)))(work).stats
+        notes[n] = [note for note in stats.notes if "thin" in note]
+    assert notes[2] and "K=128" in notes[2][0]  # 2 passages: fewer rows than 2 x the FFN's 128 inputs
+    assert not notes[len(data)]

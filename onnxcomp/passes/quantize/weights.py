@@ -16,6 +16,9 @@ Hessian ``H = XᵀX / n``, collected for every target input in one calibration r
 model (:func:`onnxcomp.calibrate.collect`, ``Gram`` reducer; with ``padding_mask`` on length-sorted
 batches without their padding-only columns). With ``act_order`` the block scales
 are fixed from the original weights first, because MatMulNBits blocks are contiguous in K.
+``bias_correction`` (layers that add a bias only) writes ``b - (W_q - W)·E[x]`` into MatMulNBits'
+bias input, so the mean output error over the calibration inputs is zero, and GPTQ then minimises
+``tr(ΔW Cov ΔWᵀ)`` (the inputs' covariance), the error the bias cannot cancel.
 
 onnxruntime 1.32's CPU kernel accepts bits 2, 4 and 8 (this pass offers 4 and 8: 2-bit loses too
 much on our models); GatherBlockQuantized runs on the CPU with uint8 data packed like MatMulNBits'.
@@ -125,6 +128,7 @@ class QuantizeWeights(CompressionPass):
         graph = model.graph
         targets = [t for node in list(graph) if (t := self._target(node, stats)) is not None]
         moments = self._input_moments(model, targets, stats) if self.calibration_needed(cfg) and targets else {}
+        _note_few_rows(stats, targets, moments, cfg)
         errors: dict[str, float] = {}
         bytes_before = bytes_after = uncorrected = 0
         names = Names(graph)
@@ -221,8 +225,20 @@ class QuantizeWeights(CompressionPass):
         data = without_padding(model, data, self.config.padding_mask, stats, f"{self.name}.padding_mask")
         reducers = {name: (Gram(), ChannelMean(-1)) for name in dict.fromkeys(t.input_name for t in targets)}
         collect(model, data, {name: list(r) for name, r in reducers.items()}, batch_size=self.context.batch_size)
-        return {name: _Moments(g.xtx / max(g.count, 1), mean.mean) for name, (g, mean) in reducers.items()
+        return {name: _Moments(g.xtx / max(g.count, 1), mean.mean, g.count) for name, (g, mean) in reducers.items()
                 if g.xtx is not None}
+
+
+def _note_few_rows(stats: PassStats, targets: list[_Target], moments: dict[str, _Moments],
+                   cfg: QuantizeWeightsConfig) -> None:
+    """Say so when GPTQ's ``XᵀX`` of some layer rests on fewer than 2·K input rows."""
+    thin = [(moments[t.input_name].rows, t.k) for t in targets
+            if t.input_name in moments and moments[t.input_name].rows < 2 * t.k]
+    if cfg.method == "gptq" and thin:
+        rows, k = min(thin, key=lambda rk: rk[0] / rk[1])
+        stats.notes.append(f"calibration data is thin for GPTQ: {len(thin)} layer(s) have fewer than 2·K input "
+                           f"rows (e.g. {rows:,} rows for K={k}): XᵀX is poorly estimated, more samples help")
+        stats.metrics["thin_calibration_layers"] = len(thin)
 
 
 def _has_bias(target: _Target) -> bool:
@@ -242,6 +258,7 @@ class _Moments:
 
     second: np.ndarray  # XᵀX / n, [K, K]
     mean: np.ndarray  # E[x], [K]
+    rows: int  # n: input rows (positions) seen
 
     @property
     def covariance(self) -> np.ndarray:
