@@ -108,12 +108,13 @@ class QuantizeWeights(CompressionPass):
     """Weight-only block-wise int4/int8: MatMul/Gemm with a constant weight → com.microsoft
     MatMulNBits (bias folded in), optionally Gather embeddings → GatherBlockQuantized.
 
-    ``method: rtn`` needs no data; ``gptq`` needs ``--calib`` (refused before any pass runs
-    without it). Activations stay float: the gain is size and memory traffic.
+    ``method: rtn`` needs no data; ``gptq`` and ``bias_correction`` need ``--calib`` (refused before
+    any pass runs without it). Activations stay float: the gain is size and memory traffic.
     """
 
     name = "quantize_weights"
-    summary = "weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ; optional embeddings"
+    summary = ("weight-only block-wise int4/int8 MatMul/Gemm (ORT MatMulNBits), RTN or GPTQ, bias correction; "
+               "optional embeddings")
     Config = QuantizeWeightsConfig
     needs_calibration = False  # only gptq / bias_correction need it (calibration_needed): checked before any work
 
