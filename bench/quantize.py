@@ -108,6 +108,13 @@ VARIANTS = {
     "ours_transformer_static_vnni": dict(who="ours", models=("minilm",), recipe=None,
                                          what="transformer-int8-static with target: vnni (full 8-bit weights, "
                                               "for AVX512-VNNI / AVX-VNNI CPUs)"),
+    "ours_transformer_static_sens": dict(
+        who="ours", models=("minilm",), recipe=None,
+        what="transformer-int8-static + sensitivity (grouped_loo, sensitivity_weight_only: the layers it keeps "
+             "compute in float from int8 weights) aiming at sentence cosine 0.9985 on calib; target any"),
+    "ours_transformer_static_sens_vnni": dict(
+        who="ours", models=("minilm",), recipe=None,
+        what="as ours_transformer_static_sens with target: vnni (full 8-bit weights)"),
     "ort_int4": dict(who="ORT", ort="int4", models=("minilm",),
                      what="MatMulNBitsQuantizer int4, block 32, symmetric, RTN (MatMuls only; embeddings float) "
                           "[peer.py int4]"),
@@ -147,6 +154,11 @@ def _shipped_with(name: str, **options) -> dict:
 
 
 VARIANTS["ours_transformer_static_vnni"]["recipe"] = _shipped_with("transformer-int8-static", target="vnni")
+SENSITIVE = dict(sensitivity=True, sensitivity_ranking="grouped_loo", sensitivity_weight_only=True)
+SENSITIVE_GATE = {"min_cosine": 0.9985, "output": "sentence_embedding"}  # the search aims at it on calib
+for _name, _target in (("ours_transformer_static_sens", "any"), ("ours_transformer_static_sens_vnni", "vnni")):
+    _recipe = _shipped_with("transformer-int8-static", target=_target, **SENSITIVE)
+    VARIANTS[_name]["recipe"] = {**_recipe, "gate": {**_recipe["gate"], **SENSITIVE_GATE}}
 INT8_OPS = set(peer.INT8_OPS) | {"QLinearConv", "ConvInteger"}
 FLOAT_COMPUTE = set(peer.FLOAT_MM_OPS) | {"Conv", "FusedConv"}
 

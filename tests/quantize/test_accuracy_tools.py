@@ -346,3 +346,38 @@ def test_sensitivity_weight_only_keeps_the_file_int8_sized(calib_path):
     size = {name: r.report["compressed"]["size_bytes"] for name, r in
             (("plain", plain), ("int8", int8), ("everything", everything))}
     assert size["int8"] < size["everything"] * 1.02 < size["plain"]
+
+
+def test_search_reuses_gptq_weights_and_the_result_equals_a_plain_quantization():
+    """The search quantizes the model several times (all int8, the final check, the result): GPTQ
+    rounds each weight once; the result is byte-for-byte what quantizing with its float set gives."""
+    from onnxcomp.data import load_data
+    from onnxcomp.passes.quantize.static import QuantizeStaticConfig, quantize_static_model
+    from onnxcomp.validate import FidelityCheck
+    from onnxcomp.recipe import Gate
+    from tests.quantize.test_transformer import TINY
+    import onnxcomp.blockquant as blockquant
+
+    model = compress(TINY / "tiny_bert.onnx", {"passes": ["cleanup"]}, latency_runs=0).model
+    data = load_data(TINY / "calib.npz", model)
+    config = QuantizeStaticConfig(method="percentile", weight_rounding="gptq", sensitivity=True,
+                                  sensitivity_ranking="grouped_loo")
+    calls = []
+    original = blockquant.gptq_round
+    blockquant.gptq_round = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        import onnxcomp.passes.quantize.rewrite as rewrite
+        rewrite.gptq_round = blockquant.gptq_round
+        searched = model.clone()
+        result = quantize_static_model(searched, data, config, target=FidelityCheck(
+            Gate(min_cosine=0.999995, mask_input="auto")))
+    finally:
+        blockquant.gptq_round = rewrite.gptq_round = original
+    kept = result.sensitivity.kept_float
+    assert kept and result.sensitivity.requantized >= 2 and result.gptq_rounded
+    weights = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    assert len(calls) == len(weights) == 12  # once per MatMul weight, not once per quantization
+    plain = model.clone()
+    quantize_static_model(plain, data, config.model_copy(update={"sensitivity": False}), stats=result.stats,
+                          keep_float={n: "test" for n in kept})
+    assert ir.serde.serialize_model(plain).SerializeToString() == ir.serde.serialize_model(searched).SerializeToString()

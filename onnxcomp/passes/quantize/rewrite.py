@@ -32,11 +32,15 @@ __all__ = ["apply_static", "float_guard", "weight_only_values"]
 
 
 def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
-                 options: QuantizeStaticConfig, hessians: Mapping[str, np.ndarray] | None = None) -> dict[str, QParams]:
+                 options: QuantizeStaticConfig, hessians: Mapping[str, np.ndarray] | None = None,
+                 rounded: dict | None = None) -> dict[str, QParams]:
     """Rewrite ``model`` as planned; return the activation parameters of every quantized tensor.
 
     ``hessians``: input tensor name -> XᵀX / n; the int8 weights of a MatMul reading such a tensor
     are rounded by GPTQ (:func:`onnxcomp.blockquant.gptq_round`) instead of to nearest (same scales).
+    ``rounded``: a dict kept across rewrites of copies of one model with the same options and
+    hessians (a search): int8 weights already rounded for the same weight tensor, axis and input
+    are reused instead of rounded again (same values).
     """
     hessians = hessians or {}
     graph = model.graph
@@ -58,7 +62,7 @@ def apply_static(model: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[floa
     for node, role in plan.roles.items():
         if role == "compute" and node.inputs[1].const_value is not None:
             _quantize_weights(graph, names, node, params[node.inputs[0].name], options,
-                              hessians.get(node.inputs[0].name), weights)
+                              hessians.get(node.inputs[0].name), weights, rounded)
     values = {**tensor_values(model), **graph.initializers}
     for tensor in plan.tensors:
         value = values[tensor]
@@ -96,7 +100,8 @@ def _weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | 
 
 def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params: QParams, options,
                       hessian: np.ndarray | None = None,
-                      done: dict[tuple[int, int | None], tuple[ir.Node, QParams]] | None = None) -> None:
+                      done: dict[tuple[int, int | None], tuple[ir.Node, QParams]] | None = None,
+                      rounded: dict | None = None) -> None:
     """int8 weight and int32 bias of a compute node, each behind a DequantizeLinear (a MatMul
     weight [K, N] with its input's ``hessian`` [K, K]: GPTQ-rounded with the same scales). A
     weight already quantized for another node along the same axis (``done``) is not stored again:
@@ -112,11 +117,18 @@ def _quantize_weights(graph: ir.Graph, names: Names, node: ir.Node, input_params
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
     else:
-        wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=options.reduce_range,
-                               target=options.target)
-        if hessian is not None and node.op_type == "MatMul" and array.ndim == 2 and axis == 1:
-            qmax = 63 if weight_reduce_range(options.reduce_range, options.target) else 127
-            wq = gptq_round(array.T, hessian, wp.scale, qmax).T
+        key = (id(weight.const_value), axis, node.inputs[0].name if hessian is not None else None)
+        cached = (rounded or {}).get(key)
+        if cached is not None and cached[0] is weight.const_value:  # the tensor itself, not a reused id
+            wp, wq = cached[1:]
+        else:
+            wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=options.reduce_range,
+                                   target=options.target)
+            if hessian is not None and node.op_type == "MatMul" and array.ndim == 2 and axis == 1:
+                qmax = 63 if weight_reduce_range(options.reduce_range, options.target) else 127
+                wq = gptq_round(array.T, hessian, wp.scale, qmax).T
+            if rounded is not None:
+                rounded[key] = (weight.const_value, wp, wq)
         dequantized = dequantized_constant(graph, names, weight.name, wq, wp, node)
         done[(id(weight), axis)] = (dequantized.producer(), wp)
         node.replace_input_with(1, dequantized)

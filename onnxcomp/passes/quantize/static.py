@@ -201,11 +201,12 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
     stats = dict(stats or {})
     report = None
     int8_kept = config.sensitivity_weight_only and config.weight_only
+    weight_cache: dict = {}  # int8 weights (GPTQ) rounded once for all the search's quantizations and the final one
     if config.sensitivity:
         def trial(m: ir.Model, extra: Mapping[str, str], final: bool) -> list[str]:
             cfg = config if final else config.model_copy(update={"bias_correction": False})
             r = _quantize_once(m, data, cfg, stats, batch_size, progress, {**keep, **extra},
-                               weights_only=set(extra) if final and int8_kept else set())
+                               weights_only=set(extra) if final and int8_kept else set(), weight_cache=weight_cache)
             stats.update(r.stats)
             return [n.name for n, role in r.plan.roles.items() if role != "shared"]
 
@@ -217,14 +218,14 @@ def quantize_static_model(model: ir.Model, data: Dataset, config: QuantizeStatic
                                             else None)
         keep.update(chosen)
     result = _quantize_once(model, data, config, stats, batch_size, progress, keep,
-                            weights_only=set(report.kept_float) if report and int8_kept else set())
+                            weights_only=set(report.kept_float) if report and int8_kept else set(), weight_cache=weight_cache)
     result.tools, result.sensitivity = tools, report
     return result
 
 
 def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig, stats: dict,
                    batch_size: int, progress, keep_float: Mapping[str, str],
-                   weights_only: Collection[str] = ()) -> StaticResult:
+                   weights_only: Collection[str] = (), weight_cache: dict | None = None) -> StaticResult:
     """One prepare/plan/calibrate/rewrite. ``weights_only``: names of ``keep_float`` nodes whose
     weights are stored int8 anyway when ``config.weight_only`` (the sensitivity search's choice)."""
     rewrites = prepare_static(model, config)
@@ -251,7 +252,7 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
                 if GRAM + t in stats} if config.weight_rounding == "gptq" else None
     rounded = [n.name for n, role in plan.roles.items()
                if role == "compute" and n.op_type == "MatMul" and n.inputs[0].name in (hessians or {})]
-    params = apply_static(model, plan, ranges, config, hessians)
+    params = apply_static(model, plan, ranges, config, hessians, weight_cache)
     result = StaticResult(plan, stats, ranges, params, rewrites, gptq_rounded=rounded)
     if layers:
         result.bias = bias_correct(model, layers, data, batch_size=batch_size)
@@ -365,7 +366,7 @@ def _report_static(model: ir.Model, result: StaticResult, cfg: QuantizeStaticCon
             rep.kept_float else ""
         stats.notes.append(f"sensitivity: {len(rep.kept_float)} nodes kept float{how} to meet {rep.target} on "
                            f"{rep.samples} calibration samples ({'met' if rep.met else 'NOT met'}; "
-                           f"{rep.trials} trials, {rep.seconds:.1f} s): {kept}")
+                           f"{rep.trials} trials, {rep.seconds:.1f} s, {rep.cpu_seconds:.1f} s CPU): {kept}")
         stats.metrics["sensitivity"] = rep.to_dict()
     kinds = Counter(node.op_type for node in plan.roles)
     stats.metrics.update(quantized_ops=dict(sorted(kinds.items())), method=cfg.method,
