@@ -118,6 +118,9 @@ VARIANTS = {
     "ort_int4": dict(who="ORT", ort="int4", models=("minilm",),
                      what="MatMulNBitsQuantizer int4, block 32, symmetric, RTN (MatMuls only; embeddings float) "
                           "[peer.py int4]"),
+    "ort_int4_hqq": dict(who="ORT", ort="int4_hqq", models=("minilm",),
+                         what="MatMulNBitsQuantizer int4, block 32, HQQ (data-free, float zero points; MatMuls "
+                              "only) [peer.py int4_hqq]"),
     "ours_int4_weights": dict(who="ours", recipe="int4-weights",
                               what="shipped recipe int4-weights: weight-only int4/32 MatMulNBits, GPTQ on the "
                                    "inputs' covariance + bias correction, padding-free statistics; int4 word "
@@ -229,7 +232,8 @@ def ort_quantize(setup: Setup, model: str, how: str, out: Path) -> None:
     """onnxruntime.quantization on the fp32 model -> out. MiniLM: peer.py's function and settings."""
     if MODELS[model][0] == "minilm":
         name = {"dynamic": "dyn_pc", "minmax": "qdq_minmax_noout", "entropy": "qdq_entropy_noout",
-                "percentile": "qdq_percentile_noout", "int4": "int4"}[how]
+                "percentile": "qdq_percentile_noout", "int4": "int4",
+                "int4_hqq": "int4_hqq"}[how]
         return peer.quantize(name, out, setup.minilm_calib_n)
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,

@@ -47,6 +47,7 @@ VARIANTS = {
     "qdq_percentile": "quantize_static QDQ Percentile (99.999), per-channel, U8S8, MatMul only",
     "int4": "MatMulNBitsQuantizer 4-bit, block 32, symmetric (accuracy_level unset)",
     "int4_acc4": "MatMulNBitsQuantizer 4-bit, block 32, symmetric, accuracy_level=4 (int8 compute)",
+    "int4_hqq": "MatMulNBitsQuantizer 4-bit, block 32, HQQ (data-free; float zero points)",
 }
 INT8_OPS = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
             "QAttention", "MatMulNBits", "QEmbedLayerNormalization", "GatherBlockQuantized"}
@@ -120,8 +121,12 @@ def quantize(name, out, calib_samples):
                         extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]} if "noout" in name else None)
     elif name.startswith("int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        q = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=True,
-                                 accuracy_level=4 if name.endswith("acc4") else None)
+        if name.endswith("hqq"):
+            from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+            q = MatMulNBitsQuantizer(onnx.load(src), algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+        else:
+            q = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=4 if name.endswith("acc4") else None)
         q.process()
         q.model.save_model_to_file(str(out), False)
     tmp.unlink(missing_ok=True)
