@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3")
     ap.add_argument("--minilm-ratios", default="0.9,0.8,0.5,0.3")
     ap.add_argument("--quick", action="store_true", help="few latency runs (development only)")
+    ap.add_argument("--sequential-only", action="store_true",
+                    help="MiniLM only: whitened one-shot vs sequential, layer and global budget, at --minilm-ratios")
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     args = ap.parse_args()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,12 @@ def main() -> None:
              f"{os.getloadavg()[0]:.1f} (shared machine: latency ratios carry noise)", ""]
     print(lines[0], flush=True)
     models = args.models.split(",")
+    if args.sequential_only:
+        rows = [minilm_svd("whitened", r, runs, budget=b, sequential=s)
+                for r in _floats(args.minilm_ratios) for b in ("layer", "global") for s in (False, True)]
+        lines += _table("all-MiniLM-L6-v2: whitened one-shot vs sequential (sentence embedding vs fp32)", rows,
+                        MINILM_COLS)
+        models = []
     for name in ("digits_mlp", "digits_cnn"):
         if name in models:
             rows = [digits_svd(name, m, r, runs) for r in _floats(args.ratios) for m in METHODS]
@@ -135,7 +143,7 @@ def _digits_row(name: str, label: str, recipe: dict, runs, split_layers: bool = 
 _MINILM: dict = {}
 
 
-def minilm_svd(method: str, ratio: float, runs, budget: str = "layer") -> dict:
+def minilm_svd(method: str, ratio: float, runs, budget: str = "layer", sequential: bool = False) -> dict:
     """The pass alone (no onnxcomp validation: the fidelity here is the sentence-embedding one)."""
     d = minilm_dir()
     if "ref" not in _MINILM:
@@ -143,12 +151,13 @@ def minilm_svd(method: str, ratio: float, runs, budget: str = "layer") -> dict:
         _MINILM["feeds"] = peer.latency_feeds()
         _MINILM["model"] = load_model(d / "minilm.onnx")
         _MINILM["calib"] = load_data(d / "calib.npz", _MINILM["model"])
-    options = {"method": method, "param_ratio": ratio, "require_speedup": False, "budget": budget, "speed_cache": None}
+    options = {"method": method, "param_ratio": ratio, "require_speedup": False, "budget": budget, "speed_cache": None,
+               **({"sequential": True} if sequential else {})}
     model = _MINILM["model"].clone()
     start = time.perf_counter()
     stats = SvdSplit(options, PassContext(calib=_MINILM["calib"]))(model).stats
     seconds = time.perf_counter() - start
-    label = f"{method}{' global' if budget == 'global' else ''} {ratio}"
+    label = f"{method}{' sequential' if sequential else ''}{' global' if budget == 'global' else ''} {ratio}"
     path = save_model(model, OUT_DIR / f"minilm.{label.replace(' ', '_')}.onnx")
     fid = fidelity(_MINILM["ref"], embed(path, d / "val.npz"))
     bs1, bs32 = _MINILM["feeds"]

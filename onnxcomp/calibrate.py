@@ -32,6 +32,7 @@ __all__ = [
     "Paired",
     "Stack",
     "collect",
+    "collect_paired",
     "tensor_values",
 ]
 
@@ -259,20 +260,7 @@ def collect(
     names = list(reducers)
     if not names:
         return
-    probe = model.clone()
-    values = tensor_values(probe)
-    unknown = [n for n in names if n not in values]
-    if unknown:
-        raise OnnxcompError(f"calibration: tensor '{unknown[0]}' is not in the main graph")
-    existing = {v.name for v in probe.graph.outputs}
-    for name in names:
-        value = values[name]
-        if name in existing or value.is_graph_input():
-            continue
-        if value.type is None:  # onnxruntime needs a type on graph outputs
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-        probe.graph.outputs.append(value)
-        existing.add(name)
+    probe = _probe(model, names)
     with open_session(probe, session_options(level="basic", spinning=False), what="calibration model") as session:
         input_names = {i.name for i in session.get_inputs()}
         fetch = [n for n in names if n not in input_names]
@@ -306,6 +294,56 @@ def collect(
         for begin in range(0, len(data), size):
             feed = data.window(begin, size)
             feed_reducers(feed, next(run_batches(session, [feed], fetch)))
+
+
+def collect_paired(
+    first: ir.Model,
+    second: ir.Model,
+    data: Dataset,
+    pairs: Mapping[tuple[str, str], Iterable[Callable[[np.ndarray, np.ndarray], None]]],
+    *,
+    batch_size: int = 32,
+) -> None:
+    """Run two models with the same inputs on ``data`` in lockstep; for each ``(name in first,
+    name in second)`` pair call its folds with both arrays of the same batch (e.g. a running
+    ``XᵀY`` between a compressed model's activation and the float model's). Neither model is
+    modified; memory holds one batch of the wanted tensors of both models at a time.
+    """
+    if not pairs:
+        return
+    names_a = list(dict.fromkeys(a for a, _ in pairs))
+    names_b = list(dict.fromkeys(b for _, b in pairs))
+    opts = session_options(level="basic", spinning=False)
+    with open_session(_probe(first, names_a), opts, what="calibration model") as sa, \
+            open_session(_probe(second, names_b), opts, what="calibration model") as sb:
+        fetch_a = [n for n in names_a if n not in {i.name for i in sa.get_inputs()}]
+        fetch_b = [n for n in names_b if n not in {i.name for i in sb.get_inputs()}]
+        for feed in data.batches(batch_size):
+            arrays_a = {**feed, **dict(zip(fetch_a, next(run_batches(sa, [feed], fetch_a))))}
+            arrays_b = {**feed, **dict(zip(fetch_b, next(run_batches(sb, [feed], fetch_b))))}
+            for (a, b), folds in pairs.items():
+                for fold in folds:
+                    fold(arrays_a[a], arrays_b[b])
+            del arrays_a, arrays_b
+
+
+def _probe(model: ir.Model, names: list[str]) -> ir.Model:
+    """A clone of ``model`` whose graph outputs include every tensor of ``names``."""
+    probe = model.clone()
+    values = tensor_values(probe)
+    unknown = [n for n in names if n not in values]
+    if unknown:
+        raise OnnxcompError(f"calibration: tensor '{unknown[0]}' is not in the main graph")
+    existing = {v.name for v in probe.graph.outputs}
+    for name in names:
+        value = values[name]
+        if name in existing or value.is_graph_input():
+            continue
+        if value.type is None:  # onnxruntime needs a type on graph outputs
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        probe.graph.outputs.append(value)
+        existing.add(name)
+    return probe
 
 
 def tensor_values(model: ir.Model) -> dict[str, ir.Value]:

@@ -166,6 +166,54 @@ def test_global_budget_spends_the_ratio_and_keeps_small_layers_dense(mlp_path, c
     assert ("Gemm /fc3/Gemm", "global budget leaves it near full rank: kept dense") in stats.skipped
 
 
+def _chain(weights: list[np.ndarray], d: int) -> ir.Model:
+    nodes, inits, x = [], {}, "x"
+    for i, w in enumerate(weights):
+        y = "y" if i == len(weights) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=f"mm{i}"))
+        if i < len(weights) - 1:
+            nodes.append(helper.make_node("Tanh", [y], [f"t{i}"], name=f"tanh{i}"))
+            y = f"t{i}"
+        inits[f"w{i}"], x = w, y
+    return _model(nodes, inits, ["n", d], ["n", weights[-1].shape[1]])
+
+
+def _chain_error(weights, sequential: bool, **options) -> tuple[float, dict]:
+    from onnxcomp.data import load_data
+
+    d = weights[0].shape[0]
+    calib, val = _outlier_activations(512, d, seed=4), _outlier_activations(256, d, seed=5)
+    reference = _run(_chain(weights, d), val)
+    model = _chain(weights, d)
+    stats = _split(model, calib=load_data({"x": calib}, model), method="whitened", sequential=sequential,
+                   **options, **NO_SPEED)
+    return float(np.linalg.norm(_run(model, val) - reference) / np.linalg.norm(reference)), stats.metrics
+
+
+def test_sequential_fits_the_split_prefix_better_than_one_shot_whitening():
+    rng = np.random.default_rng(7)
+    weights = [rng.normal(size=(32, 48)).astype(np.float32) / 4, rng.normal(size=(48, 48)).astype(np.float32) / 6,
+               rng.normal(size=(48, 16)).astype(np.float32) / 6]
+    errors = {}
+    for sequential in (False, True):
+        errors[sequential], metrics = _chain_error(weights, sequential, param_ratio=0.5)
+        assert len(metrics["ranks"]) == 3
+    assert errors[True] < errors[False]  # the last two layers see the split inputs they will get
+    assert metrics["sequential_stages"] == 3 and metrics["method"] == "whitened sequential"
+
+
+def test_sequential_equals_one_shot_when_the_prefix_is_exact():
+    """A first layer of exact rank 4 split at rank 4 leaves the second layer's inputs unchanged:
+    the least-squares target is the float weight and sequential = one-shot whitened."""
+    rng = np.random.default_rng(8)
+    weights = [_low_rank(32, 40, 4), rng.normal(size=(40, 24)).astype(np.float32)]
+    out = {}
+    for sequential in (False, True):
+        out[sequential] = _chain_error(weights, sequential, rank=4)
+    assert out[True][1]["ranks"] == out[False][1]["ranks"] == {"MatMul mm0": 4, "MatMul mm1": 4}
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-3)
+
+
 @pytest.mark.parametrize("ratio,split", [(1.4, False), (0.6, True)])
 def test_speed_check_uses_the_cached_measurement(tmp_path, ratio, split):
     cache = tmp_path / "speed.json"
@@ -204,6 +252,7 @@ def test_same_recipe_same_bytes(mlp_path, calib_path, tmp_path):
     ("{rank: 4, budget: global}", "set param_ratio"),
     ("{methd: plain}", "methd: unknown option"),
     ("{method: whitened}", "needs calibration data"),
+    ("{method: asvd, sequential: true}", "sequential needs method 'whitened'"),
 ])
 def test_bad_options_exit_2_before_any_work(tmp_path, mlp_path, capsys, options, message):
     recipe = tmp_path / "r.yaml"

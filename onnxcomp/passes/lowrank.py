@@ -70,6 +70,9 @@ class SvdSplitConfig(PassConfig, NodeSelection):
     min_saving: float = Field(0.0, ge=0, lt=1, description="split only where k(m+n) < (1 - min_saving)*m*n")
     alpha: float = Field(0.5, ge=0, le=2, description="asvd: exponent of the per-channel activation scale")
     damping: float = Field(1e-4, gt=0, le=1, description="whitened: lambda = damping * mean(diag(X^T X))")
+    sequential: bool = Field(False, description="whitened: fit layers in dependency order to the inputs of the "
+                             "already-split model, least-squares target = the float layer's output (ranks from "
+                             "the one-shot whitened spectra); one calibration run of both models per stage")
     require_speedup: bool = Field(True, description="split only where onnxruntime runs the two MatMuls faster "
                                                     "than the dense one (measured per shape, cached)")
     speed_rows: tuple[int, ...] = Field((1, 256), min_length=1, description="activation rows (batch x tokens) the "
@@ -84,6 +87,8 @@ class SvdSplitConfig(PassConfig, NodeSelection):
             raise ValueError(f"set one of rank, energy, param_ratio (got {' and '.join(given)})")
         if self.budget == "global" and given and given[0] != "param_ratio":
             raise ValueError("budget 'global' spends a param_ratio across layers: set param_ratio, not " + given[0])
+        if self.sequential and self.method != "whitened":
+            raise ValueError("sequential needs method 'whitened'")
         if any(r < 1 for r in self.speed_rows):
             raise ValueError("speed_rows must be positive")
         return self
@@ -171,8 +176,15 @@ class SvdSplit(CompressionPass):
         if cfg.budget == "global":
             chosen = list(plans())
             _global_ranks(chosen, cfg, stats)
+        elif cfg.sequential:
+            chosen = list(plans())
+            for plan in chosen:
+                plan.k = _layer_rank(plan, cfg)
         else:
             chosen = plans()
+        if cfg.sequential:
+            self._sequential(model, chosen, names, ranks, energy, speed, stats)
+            chosen = []
         for plan in chosen:
             if cfg.budget != "global":
                 plan.k = _layer_rank(plan, cfg)
@@ -180,7 +192,8 @@ class SvdSplit(CompressionPass):
             release_mapped(plan.layer.weight_value)  # read for the last time
             if cfg.budget != "global":
                 del plan  # its float64 U, Vt: a layer's worth, not the model's
-        stats.metrics.update(method=cfg.method, ranks=ranks, energy_kept=energy)
+        stats.metrics.update(method=cfg.method + (" sequential" if cfg.sequential else ""), ranks=ranks,
+                             energy_kept=energy)
         if cfg.require_speedup:
             stats.metrics["speed_ratio"] = speed
             stats.notes.append("speed check: split/dense onnxruntime time per layer shape and row count "
@@ -208,6 +221,51 @@ class SvdSplit(CompressionPass):
         ranks[label], energy[label] = k, round(plan.kept_energy(k), 6)
         stats.touch(f"{label}: {m}x{n} -> rank {k} ({k * (m + n)}/{m * n} params, "
                     f"{'output ' if cfg.method == 'whitened' else ''}energy kept {energy[label]:.4f})")
+
+    def _sequential(self, model: ir.Model, plans: list[_Plan], names: Names, ranks: dict, energy: dict,
+                    speed: dict, stats: PassStats) -> None:
+        """Refit every planned layer, stage by stage, to the inputs of the model split so far.
+
+        A stage is the set of layers with the same number of planned layers upstream of their
+        input, so no layer of a stage feeds another. Per stage, the split-so-far model and the
+        float model run in lockstep on the calibration data: ``G = X_cᵀX_c`` (split model's
+        inputs) and ``C = X_fᵀX_c`` (float inputs against them). The layer is then the rank-k
+        minimiser of ``‖X_f·Wᵀ − X_c·Ŵᵀ‖² + λ‖Ŵ − W‖²`` (λ = damping·mean diag G): with
+        ``G + λI = LLᵀ`` and ``W* = W(C + λI)(G + λI)⁻¹`` that is the truncated SVD of ``W*·L``,
+        unwhitened by ``L⁻¹`` as in ``whitened``. Where ``X_c = X_f`` (the first stage, or full
+        rank everywhere upstream) ``W* = W`` and the fit is the one-shot whitened one.
+        """
+        from onnxcomp.calibrate import collect_paired
+
+        cfg: SvdSplitConfig = self.config
+        data = self.context.require_calib("svd_split (sequential)")
+        reference = model.clone()  # the float model: targets for every stage
+        stage = _stages(model, [p.layer for p in plans])
+        todo = [p for p in plans if p.k > 0]
+        for p in plans:
+            p.u = p.s = p.vt = None  # the one-shot spectra only chose the ranks
+        runs = 0
+        for level in sorted({stage[id(p.layer.node)] for p in todo}):
+            group = [p for p in todo if stage[id(p.layer.node)] == level]
+            sums: dict[tuple[str, bool], list] = {}
+            for p in group:
+                sums.setdefault((p.layer.input.name, _trans_a(p.layer)), [None, None, 0])
+            folds: dict[tuple[str, str], list] = {}
+            for (name, trans), acc in sums.items():
+                folds.setdefault((name, name), []).append(_cross_fold(acc, trans))
+            collect_paired(model, reference, data, folds, batch_size=self.context.batch_size)
+            runs += 1
+            for p in group:
+                g, c, count = sums[(p.layer.input.name, _trans_a(p.layer))]
+                if g is None:
+                    stats.skip(p.layer.label, "no calibration activations for its input")
+                    continue
+                _refit(p, g / max(count, 1), c / max(count, 1), cfg.damping, stats)
+                self._split(p, names, ranks, energy, speed, stats)
+                release_mapped(p.layer.weight_value)
+                p.u = p.s = p.vt = None
+        stats.metrics["sequential_stages"] = runs
+        stats.notes.append(f"sequential: {runs} stages, each one calibration run of the split-so-far and the float model")
 
     # -- calibration -----------------------------------------------------------------------------
 
@@ -305,6 +363,54 @@ def _plan(layer: Layer, method: str, scale: tuple | None, cfg: SvdSplitConfig) -
         return _Plan(layer, u, s, vt, lambda b: linalg.solve_triangular(factor.T, b.T, lower=False).T)
     u, s, vt = np.linalg.svd(w * factor[None, :], full_matrices=False)
     return _Plan(layer, u, s, vt, lambda b: b / factor[None, :])
+
+
+def _stages(model: ir.Model, layers: list[Layer]) -> dict[int, int]:
+    """Layer node id -> how many of ``layers`` lie on the longest path from the graph inputs to its input."""
+    wanted = {id(layer.node) for layer in layers}
+    depth: dict[int, int] = {}  # value id -> planned layers upstream
+    out: dict[int, int] = {}
+    for node in model.graph:  # topologically sorted
+        d = max((depth.get(id(v), 0) for v in node.inputs if v is not None), default=0)
+        if id(node) in wanted:
+            out[id(node)] = d
+            d += 1
+        for v in node.outputs:
+            depth[id(v)] = d
+    return out
+
+
+def _cross_fold(acc: list, trans: bool) -> Callable[[np.ndarray, np.ndarray], None]:
+    """Fold one batch (split model's input, float model's input) into acc = [XcᵀXc, XfᵀXc, rows]."""
+
+    def fold(xc: np.ndarray, xf: np.ndarray) -> None:
+        if trans:
+            xc, xf = np.asarray(xc).T, np.asarray(xf).T
+        n = xc.shape[-1]
+        a = np.asarray(xc, np.float32).reshape(-1, n)
+        b = np.asarray(xf, np.float32).reshape(-1, n)
+        if acc[0] is None:
+            acc[0], acc[1] = np.zeros((n, n)), np.zeros((n, n))
+        for start in range(0, a.shape[0], 4096):
+            ca, cb = a[start:start + 4096], b[start:start + 4096]
+            acc[0] += ca.T @ ca
+            acc[1] += cb.T @ ca
+        acc[2] += a.shape[0]
+
+    return fold
+
+
+def _refit(plan: _Plan, g: np.ndarray, c: np.ndarray, damping: float, stats: PassStats) -> None:
+    """Set ``plan``'s SVD to that of ``W*·L`` (see :meth:`SvdSplit._sequential`)."""
+    chol, used = _cholesky(g, damping)
+    if used != damping:
+        stats.notes.append(f"{plan.layer.label}: X^T X needed damping {used:g} to factorize")
+    lam = used * (float(np.mean(np.diag(g))) or 1.0)
+    w = plan.layer.weight().astype(np.float64)
+    # W*·L = W(C + λI)(LLᵀ)⁻¹L = W(C + λI)L⁻ᵀ
+    target = linalg.solve_triangular(chol, (w @ (c + lam * np.eye(len(c)))).T, lower=True).T
+    plan.u, plan.s, plan.vt = np.linalg.svd(target, full_matrices=False)
+    plan.unscale = lambda b: linalg.solve_triangular(chol.T, b.T, lower=False).T
 
 
 def _layer_rank(plan: _Plan, cfg: SvdSplitConfig) -> int:
