@@ -381,3 +381,22 @@ def test_search_reuses_gptq_weights_and_the_result_equals_a_plain_quantization()
     quantize_static_model(plain, data, config.model_copy(update={"sensitivity": False}), stats=result.stats,
                           keep_float={n: "test" for n in kept})
     assert ir.serde.serialize_model(plain).SerializeToString() == ir.serde.serialize_model(searched).SerializeToString()
+
+
+def test_sensitivity_weight_only_leaves_an_activation_matmul_float():
+    """PP-OCR's SVTR recogniser: the search kept an attention-score MatMul (two activations, no
+    weight) float, and sensitivity_weight_only tried to store its "weight" int8: exit 1
+    ('NoneType' object has no attribute 'numpy'). Such a node just stays float."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("MatMul", ["x", "wq"], ["q"], name="q"), h.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             h.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             h.make_node("MatMul", ["q", "kt"], ["s"], name="scores"), h.make_node("Softmax", ["s"], ["p"], axis=-1),
+             h.make_node("MatMul", ["p", "x"], ["y"], name="mix")]
+    model = build(nodes, [tensor("x", "N", 6, 16)], [tensor("y", "N", 6, 16)],
+                  {"wq": rng.normal(0, 0.5, (16, 16)), "wk": rng.normal(0, 0.5, (16, 16))})
+    data = {"x": rng.normal(0, 1, (32, 6, 16)).astype(np.float32)}
+    result = static(model, data, data, gate={"min_cosine": 0.999999}, sensitivity=True,
+                    sensitivity_ranking="sqnr", sensitivity_weight_only=True)
+    kept = result.report["passes"][1]["metrics"]["sensitivity"]["kept_float"]
+    assert "scores" in kept or "mix" in kept
+    assert np.allclose(run(result.model, data)[0], run(model, data)[0], atol=0.5)

@@ -118,7 +118,7 @@ def plan_static(model: ir.Model, options: QuantizeStaticConfig,
         why = unselected or exclude.get(node) or _ineligible(node, role, types)
         if why is None and role == "compute":
             why = _costs_more(node, options.per_channel) or _slower_in_int8(node, options)
-        if why and role == "compute" and not unselected and options.weight_only \
+        if why and role == "compute" and not unselected and options.weight_only and _constant_weight(node) \
                 and (node in weights_only or why == _slower_in_int8(node, options)) \
                 and _ineligible(node, role, types) is None and _costs_more(node, options.per_channel) is None:
             plan.weight_only[node] = why
@@ -219,6 +219,11 @@ def unquantizable(plan: StaticPlan, ranges: dict[str, tuple[float, float]],
 
 
 # --- planning helpers ---------------------------------------------------------------------------
+
+def _constant_weight(node: ir.Node) -> bool:
+    """The node's second input is a constant (a weight to store int8), not an activation (Q·Kᵀ)."""
+    return len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None
+
 
 def _role(node: ir.Node, opset: int) -> str | None:
     if node.domain not in ("", "ai.onnx"):
