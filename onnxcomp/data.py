@@ -272,14 +272,23 @@ SYNTHETIC_DIM = 8  # a dynamic non-batch dim (a sequence length) when no data sa
 
 
 def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
-    """Seeded random inputs of the model's shapes (dynamic dims: ``n`` samples on axis 0, else
-    :data:`SYNTHETIC_DIM`)."""
+    """Seeded random inputs of the model's shapes that the model accepts.
+
+    When every input's axis 0 is dynamic it is the batch axis: ``n`` samples there, other dynamic
+    dims :data:`SYNTHETIC_DIM`. When some input has a static axis 0 (a fixed batch, a recurrent
+    state ``[layers, 1, hidden]``) the data holds ``n`` whole feeds (layout ``"sample"``), each with
+    the model's static dims and :data:`SYNTHETIC_DIM` for every dynamic one.
+    """
     rng = np.random.default_rng(seed)
-    arrays = {}
-    for spec in model_inputs(model):
+    specs = model_inputs(model)
+    for spec in specs:
         if spec.dims is None:
             raise OnnxcompError(f"input '{spec.name}' has no shape: pass --val DATA.npz")
-        dims = [n] + [d if isinstance(d, int) else SYNTHETIC_DIM for d in spec.dims[1:]] if spec.dims else []
+    batch_axis = all(not spec.dims or not isinstance(spec.dims[0], int) for spec in specs)
+    arrays = {}
+    for spec in specs:
+        feed_dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in spec.dims]
+        dims = ([n] + feed_dims[1:] if spec.dims else []) if batch_axis else [n] + feed_dims
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer):
@@ -288,7 +297,10 @@ def synthetic_data(model: ir.Model, n: int = 32, seed: int = 0) -> Dataset:
             arrays[spec.name] = rng.integers(0, 2, dims).astype(bool)
         else:
             raise OnnxcompError(f"input '{spec.name}' of type {spec.dtype}: pass --val DATA.npz")
-    layouts = {k: SHARED for k, v in arrays.items() if v.ndim == 0}  # a 0-d input: one value for all
+    if batch_axis:  # a 0-d input: one value for all
+        layouts = {k: SHARED for k, v in arrays.items() if v.ndim == 0}
+    else:
+        layouts = dict.fromkeys(arrays, SAMPLE)
     return Dataset(arrays, None, "<synthetic>", layouts=layouts)
 
 
