@@ -157,6 +157,24 @@ def _shipped_with(name: str, **options) -> dict:
 
 
 VARIANTS["ours_transformer_static_vnni"]["recipe"] = _shipped_with("transformer-int8-static", target="vnni")
+VARIANTS["ours_ts_mul"] = dict(
+    who="ours", models=("minilm",), what="transformer-int8-static with smooth_quant insert_mul: true (the FFN "
+    "output MatMul behind the GELU smoothed too, a Mul after it)",
+    recipe=_shipped_with("transformer-int8-static", smooth_quant={"alpha": "auto", "insert_mul": True}))
+VARIANTS["ours_ts_mul_nearest"] = dict(
+    who="ours", models=("minilm",), what="transformer-int8-static with smooth_quant insert_mul: true and "
+    "weight_rounding: nearest (no GPTQ)",
+    recipe=_shipped_with("transformer-int8-static", weight_rounding="nearest",
+                         smooth_quant={"alpha": "auto", "insert_mul": True}))
+for _damp in (0.003, 0.01, 0.1):
+    VARIANTS[f"ours_ts_mul_tail{_damp}"] = dict(
+        who="ours", models=("minilm",), what=f"transformer-int8-static with smooth_quant insert_mul: true and "
+        f"gptq_tail_damp: {_damp} (GPTQ's XᵀX/n diagonal + {_damp}·max|X_j|²)",
+        recipe=_shipped_with("transformer-int8-static", gptq_tail_damp=_damp,
+                             smooth_quant={"alpha": "auto", "insert_mul": True}))
+VARIANTS["ours_ts_tail0.01"] = dict(
+    who="ours", models=("minilm",), what="transformer-int8-static (insert_mul: false) with gptq_tail_damp: 0.01",
+    recipe=_shipped_with("transformer-int8-static", gptq_tail_damp=0.01))
 SENSITIVE = dict(sensitivity=True, sensitivity_ranking="grouped_loo", sensitivity_weight_only=True)
 SENSITIVE_GATE = {"min_cosine": 0.9985, "output": "sentence_embedding"}  # the search aims at it on calib
 for _name, _target in (("ours_transformer_static_sens", "any"), ("ours_transformer_static_sens_vnni", "vnni")):

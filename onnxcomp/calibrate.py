@@ -122,12 +122,16 @@ class Gram:
     def __init__(self, rows: int = 4096):
         self.rows = rows
         self.xtx: np.ndarray | None = None
+        self.absmax: np.ndarray | None = None  # max |X_j| per channel
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
         x = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
         if self.xtx is None:
             self.xtx = np.zeros((x.shape[1], x.shape[1]), np.float64)
+            self.absmax = np.zeros(x.shape[1], np.float64)
+        if len(x):
+            self.absmax = np.maximum(self.absmax, np.abs(x).max(axis=0))
         for start in range(0, x.shape[0], self.rows):
             chunk = x[start:start + self.rows]
             self.xtx += chunk.T @ chunk

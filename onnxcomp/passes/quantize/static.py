@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import onnx_ir as ir
 from pydantic import Field, field_validator
 
@@ -85,6 +86,10 @@ class QuantizeStaticConfig(PassConfig, NodeSelection):
         "nearest", description="int8 MatMul weights (per channel, same scales) rounded to nearest, or by GPTQ: each "
                                "input row's rounding error compensated in the rows not yet rounded through XᵀX of "
                                "the MatMul's calibration inputs (collected in the same calibration pass)")
+    gptq_tail_damp: float = Field(
+        0.0, ge=0, description="weight_rounding=gptq: add this × max|X_j|² (calibration) to XᵀX/n's diagonal, so an "
+        "input that is rare but large is not used to absorb the others' rounding error (its weights then break "
+        "the tokens where it fires)")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description=_ACTIVATION_TYPE_HELP)
     target: Literal["any", "vnni", "arm64"] = Field("any", description=TARGET_HELP)
@@ -248,7 +253,7 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
     layers = float_layers(plan) if config.bias_correction else None
     if layers:
         float_output_means(model, layers, data, batch_size=batch_size)
-    hessians = {t: stats[GRAM + t].xtx / max(stats[GRAM + t].count, 1) for t in gptq_inputs(plan)
+    hessians = {t: _gptq_hessian(stats[GRAM + t], config.gptq_tail_damp) for t in gptq_inputs(plan)
                 if GRAM + t in stats} if config.weight_rounding == "gptq" else None
     rounded = [n.name for n, role in plan.roles.items()
                if role == "compute" and n.op_type == "MatMul" and n.inputs[0].name in (hessians or {})]
@@ -257,6 +262,16 @@ def _quantize_once(model: ir.Model, data: Dataset, config: QuantizeStaticConfig,
     if layers:
         result.bias = bias_correct(model, layers, data, batch_size=batch_size)
     return result
+
+
+def _gptq_hessian(gram, tail_damp: float) -> np.ndarray:
+    """XᵀX/n, its diagonal raised by ``tail_damp`` · max|X_j|²: an input that is large but rare in the
+    calibration data (a small mean square) is not treated as free to absorb the other inputs' error."""
+    h = gram.xtx / max(gram.count, 1)
+    if tail_damp > 0 and gram.absmax is not None:
+        h = h.copy()
+        h[np.diag_indices(len(h))] += tail_damp * np.square(gram.absmax)
+    return h
 
 
 def _name_nodes(model: ir.Model) -> None:
