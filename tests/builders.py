@@ -70,13 +70,19 @@ def block_data(n: int = 64, seed: int = 1) -> dict:
     return {"x": np.random.default_rng(seed).normal(0, 1, (n, 8, 64)).astype(np.float32)}
 
 
-def kitchen_sink(seed: int = 0) -> onnx.ModelProto:
-    """Conv/Relu/residual Add/pools/Concat/Gemm/Sigmoid/3-D MatMul + bias Add/LayerNorm/attention
-    MatMul/Softmax/context MatMul, with a Gemm output that is both a graph output and read by another node."""
+def random_init(seed: int):
+    """``init(name, *shape, scale=0.3)``: seeded normal float32 initializers, drawn in call order."""
     rng = np.random.default_rng(seed)
 
     def init(name, *shape, scale=0.3):
         return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+    return init
+
+
+def kitchen_sink(seed: int = 0) -> onnx.ModelProto:
+    """Conv/Relu/residual Add/pools/Concat/Gemm/Sigmoid/3-D MatMul + bias Add/LayerNorm/attention
+    MatMul/Softmax/context MatMul, with a Gemm output that is both a graph output and read by another node."""
+    init = random_init(seed)
 
     inits = [
         init("w1", 8, 3, 3, 3), init("b1", 8, scale=0.1), init("w2", 8, 8, 3, 3, scale=0.2),

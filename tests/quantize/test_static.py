@@ -26,6 +26,7 @@ from tests.builders import (
     kitchen_sink,
     kitchen_sink_data,
     masked_attention,
+    random_init,
 )
 
 MAX_DROP = 0.01
@@ -159,10 +160,7 @@ def test_kitchen_sink_every_int8_capable_op_fuses(tmp_path):
 
 def conv_elementwise(seed: int = 0) -> onnx.ModelProto:
     """Conv -> SiLU (Sigmoid, Mul) -> 1x1 Conv -> channel Softmax -> 1x1 Conv: elementwise ops on Conv outputs."""
-    rng = np.random.default_rng(seed)
-
-    def init(name, *shape, scale=0.3):
-        return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+    init = random_init(seed)
 
     inits = [init("w1", 8, 3, 3, 3), init("b1", 8, scale=0.1), init("w2", 8, 8, 1, 1), init("b2", 8, scale=0.1),
              init("w3", 4, 8, 1, 1), init("b3", 4, scale=0.1)]

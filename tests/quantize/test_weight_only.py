@@ -18,6 +18,7 @@ from onnx import numpy_helper as nh
 
 from onnxcomp.pipeline import compress
 from onnxcomp.runtime import optimized_graph
+from tests.builders import random_init
 
 
 
@@ -28,10 +29,7 @@ def _int8(recipe_options: dict | None = None, *, after: tuple = ()) -> dict:
 
 def mobile_block(seed: int = 0) -> onnx.ModelProto:
     """1x1 Conv -> Relu -> depthwise 5x5 Conv -> Relu -> 1x1 Conv (a MobileNet block)."""
-    rng = np.random.default_rng(seed)
-
-    def init(name, *shape, scale=0.3):
-        return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+    init = random_init(seed)
 
     inits = [init("w1", 32, 8, 1, 1), init("b1", 32, scale=0.1), init("wd", 32, 1, 5, 5), init("bd", 32, scale=0.1),
              init("w2", 8, 32, 1, 1), init("b2", 8, scale=0.1)]

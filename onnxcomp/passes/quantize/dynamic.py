@@ -117,6 +117,8 @@ def quantize_dynamic_model(model: ir.Model, config: QuantizeDynamicConfig) -> li
                 why += _WEIGHT_ONLY
                 report.append((f"{label(node)}: int8 weights only (rescaled in float, folded by onnxruntime at "
                                "load), float compute", None))
+            else:
+                why += f"; its weight stays float: {stored}"
         report.append((label(node), why))
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return report

@@ -9,7 +9,8 @@ import onnx_ir as ir
 from onnxcomp.graph import Names, add_initializer
 from onnxcomp.qparams import QParams, weight_params
 
-__all__ = ["quantize_linear", "dequantize_linear", "dequantized_constant", "dequantize_node", "int8_weight_rescaled"]
+__all__ = ["quantize_linear", "dequantize_linear", "dequantized_constant", "dequantize_node", "int8_weight_rescaled",
+           "int8_rescale"]
 
 
 def quantize_linear(x: ir.Value, scale: ir.Value, zero: ir.Value, names: Names, base: str) -> ir.Node:
@@ -60,13 +61,9 @@ def int8_weight_rescaled(graph: ir.Graph, names: Names, weight: ir.Value, axis: 
     while it constant-folds Cast and Mul when the session starts — the file holds int8, the
     session runs the float layer at float speed. (``cleanup`` never folds this Cast back.)
     """
-    array = weight.const_value.numpy()
-    params, q = weight_params(array, axis, method=method, reduce_range=False)
-    shape = [1] * array.ndim
-    if axis is not None:
-        shape[axis] = array.shape[axis]
+    q, scale_array = int8_rescale(weight.const_value.numpy(), axis, method)
     stored = add_initializer(graph, names, f"{weight.name}_int8", q)
-    scale = add_initializer(graph, names, f"{weight.name}_scale", params.scale.reshape(shape).astype(np.float32))
+    scale = add_initializer(graph, names, f"{weight.name}_scale", scale_array)
     cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT}, name=names(f"{weight.name}_Cast"))
     cast.outputs[0].name = names(f"{weight.name}_int8_float")
     mul = ir.node("Mul", [cast.outputs[0], scale], name=names(f"{weight.name}_rescale"))
@@ -74,3 +71,13 @@ def int8_weight_rescaled(graph: ir.Graph, names: Names, weight: ir.Value, axis: 
     mul.outputs[0].type, mul.outputs[0].shape = weight.type, weight.shape
     graph.insert_before(before, [cast, mul])
     return mul.outputs[0]
+
+
+def int8_rescale(array: np.ndarray, axis: int | None, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales shaped to broadcast against ``array``) of the symmetric, full
+    8-bit weight-only form: ``q * scale`` is what onnxruntime folds the stored weight to at load."""
+    params, q = weight_params(array, axis, method=method, reduce_range=False)
+    shape = [1] * array.ndim
+    if axis is not None:
+        shape[axis] = array.shape[axis]
+    return q, params.scale.reshape(shape).astype(np.float32)

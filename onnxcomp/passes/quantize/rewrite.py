@@ -19,6 +19,7 @@ from onnxcomp.passes.quantize.plan import StaticPlan, data_inputs
 from onnxcomp.passes.quantize.qdq import (
     dequantize_linear,
     dequantized_constant,
+    int8_rescale,
     int8_weight_rescaled,
     quantize_linear,
 )
@@ -154,12 +155,8 @@ def weight_only_values(node: ir.Node, options) -> np.ndarray:
     """The float values :func:`_quantize_weight_only` gives ``node``'s constant weight (its int8
     weight times the per-channel scales, as onnxruntime folds them at load)."""
     array = node.inputs[1].const_value.numpy()
-    axis = _weight_axis(node, array, options.per_channel)
-    wp, wq = weight_params(array, axis, method=options.weight_method, reduce_range=False, target=options.target)
-    shape = [1] * array.ndim
-    if axis is not None:
-        shape[axis] = array.shape[axis]
-    return (wq.astype(np.float32) * wp.scale.reshape(shape).astype(np.float32)).astype(array.dtype)
+    q, scale = int8_rescale(array, _weight_axis(node, array, options.per_channel), options.weight_method)
+    return (q.astype(np.float32) * scale).astype(array.dtype)
 
 
 def _dequantize_constant(graph: ir.Graph, names: Names, value: ir.Value, params: QParams, plan: StaticPlan) -> None:
